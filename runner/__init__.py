@@ -1,0 +1,9 @@
+"""The shell: model runner (lifecycle and steps), batch preparation, sampler, scheduler,
+the `LLM` facade and the CLI (`python -m runner`)."""
+
+from runner.llm import LLM
+from runner.model_runner import ModelRunner
+from runner.outputs import CompletionOutput, RequestOutput
+from runner.sampling_params import SamplingParams
+
+__all__ = ["LLM", "CompletionOutput", "ModelRunner", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,237 @@
+"""Weight loading: every format fills the one abstract parameter tree.
+
+Formats: `safetensors` (HF layout, single file or sharded with an index), `dummy` (seeded
+random weights, no file read), `orbax` (a checkpoint of the runner's own tree), and `auto`
+(whichever of these the folder holds). Checkpoints are read only through safetensors and
+orbax: pickle-based `.bin`/`.pt` files are refused, since unpickling runs code.
+
+Every tensor is checked (name, shape, dtype, finiteness) before the tree is returned, so a
+caller swapping trees never sees a half-loaded one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from models.checkpoint import OPTIONAL_LEAF_SUFFIXES, leaf_for, to_leaf_layout
+from state.config import ModelConfig, RunnerConfig
+from state.params import Params, abstract_params, leaf_paths, param_specs, path_str
+
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (folder, file or tensor) is missing, malformed or does not fit the model."""
+
+
+def resolve_format(config: RunnerConfig) -> str:
+    """The concrete format `auto` stands for, given the folder's contents."""
+    fmt = config.load_config.load_format
+    if fmt != "auto":
+        return fmt
+    folder = _model_folder(config.model_config)
+    if (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors")):
+        return "safetensors"
+    if (folder / "_CHECKPOINT_METADATA").exists() or (folder / "_METADATA").exists():
+        return "orbax"
+    _refuse_pickle(folder)
+    raise CheckpointError(f"no weights in {str(folder)!r}: expected *.safetensors files "
+                          f"(or {INDEX_FILE}), or an orbax checkpoint")
+
+
+def _model_folder(cfg: ModelConfig) -> Path:
+    if cfg.model is None:
+        raise CheckpointError("model_config.model is not set: no checkpoint folder to load from")
+    folder = Path(cfg.model)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {cfg.model!r} does not exist")
+    return folder
+
+
+def _refuse_pickle(folder: Path) -> None:
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise CheckpointError(
+            f"{str(folder)!r} holds only pickle-based weights ({', '.join(pickled)}); loading "
+            "them could run arbitrary code. Convert them to safetensors (e.g. "
+            "`model.save_pretrained(path, safe_serialization=True)`) and load that folder")
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of an HF folder, from its index when it has one."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        _refuse_pickle(folder)
+        raise CheckpointError(f"no *.safetensors files in {str(folder)!r}")
+    return files
+
+
+def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(checkpoint name, array) pairs of an HF folder, one tensor in memory at a time."""
+    for file in safetensors_files(Path(folder)):
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt safetensors file?)") from e
+
+
+def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *,
+                           base: Params | None = None, check_finite: bool = True,
+                           shardings: Params | None = None) -> Params:
+    """Build a tree from `(checkpoint name, array)` pairs in HF layout.
+
+    Args:
+        named: the tensors; names go through `models.checkpoint.NAME_MAP`.
+        cfg: the architecture the tensors must fit.
+        base: when given, a subset of names is allowed: the other leaves come from `base`.
+        check_finite: refuse tensors holding NaN or infinity.
+        shardings: per-leaf shardings to place each tensor on as it is read.
+
+    Raises:
+        CheckpointError: an unexpected, duplicate, missing or wrongly shaped tensor.
+    """
+    specs = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_specs(cfg))[0]}
+    placed = _placements(cfg, shardings)
+    leaves: dict[str, jax.Array] = {}
+    for name, array in named:
+        try:
+            target = leaf_for(name, cfg)
+        except KeyError as e:
+            raise CheckpointError(e.args[0]) from None
+        if target is None:
+            continue
+        leaf, transpose = target
+        if leaf in leaves:
+            raise CheckpointError(f"tensor {name!r} appears twice")
+        array = np.asarray(array)
+        spec = specs[leaf]
+        if array.dtype.kind not in "fV" and str(array.dtype) != "bfloat16":
+            raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}; expected a floating type")
+        expected = spec.shape[::-1] if transpose else spec.shape  # in checkpoint layout
+        if array.shape != expected:
+            raise CheckpointError(f"tensor {name!r} has shape {array.shape}; expected {expected}")
+        array = to_leaf_layout(array, transpose)
+        leaves[leaf] = _place(array, spec.dtype, name, check_finite, placed.get(leaf))
+    return _assemble(leaves, cfg, base, placed)
+
+
+def _placements(cfg: ModelConfig, shardings: Params | None) -> dict[str, Any]:
+    if shardings is None:
+        return {}
+    return {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+
+
+def _place(array: np.ndarray, dtype: jnp.dtype, name: str, check_finite: bool,
+           sharding: Any) -> jax.Array:
+    if check_finite and not np.isfinite(array.astype(np.float32)).all():
+        raise CheckpointError(f"tensor {name!r} holds NaN or infinite values "
+                              "(load_config.check_finite=False accepts them)")
+    return jax.device_put(array.astype(dtype), sharding)
+
+
+def _assemble(leaves: dict[str, jax.Array], cfg: ModelConfig, base: Params | None,
+              placed: dict[str, Any]) -> Params:
+    abstract = abstract_params(cfg)
+    paths = leaf_paths(abstract)
+    if base is None:
+        missing = [p for p in paths if p not in leaves and not p.endswith(OPTIONAL_LEAF_SUFFIXES)]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}")
+        # FP8 KV scales a checkpoint omits are 1.0: values are stored unscaled.
+        fill = {p: jax.device_put(np.ones((), np.float32), placed.get(p))
+                for p in paths if p not in leaves}
+    else:
+        fill = dict(zip(paths, jax.tree.leaves(base)))
+    treedef = jax.tree.structure(abstract)
+    return jax.tree.unflatten(treedef, [leaves[p] if p in leaves else fill[p] for p in paths])
+
+
+def dummy_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) -> Params:
+    """Seeded random weights: normal(0, initializer_range) matrices, unit norms and scales.
+
+    Each leaf draws from `fold_in(seed, leaf index)`, so a leaf's values do not depend on
+    the others, and the arrays are created on device (and on their shardings) directly.
+    """
+    specs = param_specs(cfg)
+    flat, treedef = jax.tree.flatten(specs)
+    placed = jax.tree.leaves(shardings) if shardings is not None else [None] * len(flat)
+    key = jax.random.key(seed)
+    leaves = []
+    for i, (spec, sharding) in enumerate(zip(flat, placed)):
+        if spec.init == "ones":
+            leaves.append(jnp.ones(spec.shape, spec.dtype, device=sharding))
+            continue
+        draw = jax.jit(lambda k, s=spec: (cfg.initializer_range
+                                          * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype),
+                       out_shardings=sharding)
+        leaves.append(draw(jax.random.fold_in(key, i)))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def load_params(config: RunnerConfig, shardings: Params | None = None) -> Params:
+    """Weights as `config` says: its format, its checkpoint folder, its seed."""
+    fmt = resolve_format(config)
+    cfg, load = config.model_config, config.load_config
+    if fmt == "dummy":
+        return dummy_params(cfg, load.seed, shardings)
+    if fmt == "orbax":
+        from runner.orbax_io import restore_params
+        return restore_params(_model_folder(cfg), cfg, shardings)
+    folder = _model_folder(cfg)
+    return params_from_checkpoint(iter_safetensors(folder), cfg, check_finite=load.check_finite,
+                                  shardings=shardings)
+
+
+def validate_params(params: Any, cfg: ModelConfig, *, check_finite: bool = True) -> None:
+    """Check a tree in the runner's own layout against the abstract tree of `cfg`.
+
+    Raises:
+        CheckpointError: naming the first leaf whose structure, shape or dtype differs.
+    """
+    abstract = abstract_params(cfg)
+    expected = leaf_paths(abstract)
+    try:
+        got = leaf_paths(params)
+        same_structure = jax.tree.structure(params) == jax.tree.structure(abstract)
+    except Exception as e:  # noqa: BLE001 - anything unflattenable is a structure error
+        raise CheckpointError(f"params is not a parameter tree: {e}") from e
+    if not same_structure:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        raise CheckpointError(f"params tree does not match the model: missing leaves {missing[:8]}, "
+                              f"unexpected leaves {extra[:8]} (expected a state.params.Params)")
+    for path, leaf, spec in zip(expected, jax.tree.leaves(params), jax.tree.leaves(abstract)):
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if tuple(shape or ()) != spec.shape or shape is None:
+            raise CheckpointError(f"leaf {path!r} has shape {shape}; expected {spec.shape}")
+        if dtype != spec.dtype:
+            raise CheckpointError(f"leaf {path!r} has dtype {dtype}; expected {spec.dtype} "
+                                  "(convert explicitly with .astype before handing it over)")
+    if check_finite:
+        bad = [p for p, leaf in zip(expected, jax.tree.leaves(params))
+               if not bool(jnp.isfinite(leaf).all())]
+        if bad:
+            raise CheckpointError(f"leaf {bad[0]!r} holds NaN or infinite values")

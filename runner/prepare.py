@@ -1,0 +1,122 @@
+"""Scheduler decisions -> padded int32 arrays: the `Batch` and the `SamplingMetadata`.
+
+Plain numpy on the host. Sizes are padded to power-of-two buckets (see `state.batch`),
+so the set of shapes the device ever sees is small and known in advance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runner.sampler import SamplerFlags, SamplingMetadata
+from runner.sampling_params import MAX_LOGPROBS
+from runner.scheduler import SchedulerOutput
+from state.batch import Batch, bucket
+
+# Smallest token bucket: below this, padding costs less than another compilation.
+MIN_TOKEN_BUCKET = 8
+
+
+@dataclass(frozen=True)
+class BucketSizes:
+    num_tokens: int  # T
+    num_key_blocks: int  # N
+    num_seqs: int  # B
+
+
+def prepare_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketSizes]:
+    """The model input of one step, as numpy arrays padded to their buckets."""
+    sched = out.scheduled
+    T = bucket(out.num_tokens, MIN_TOKEN_BUCKET)
+    num_key_blocks = sum(-(-s.end // block_size) for s in sched)
+    N = bucket(num_key_blocks)
+    B = bucket(len(sched))
+
+    token_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slot_mapping = np.full(T, -1, np.int32)
+    token_seq = np.full(T, -1, np.int32)
+    key_block_ids = np.zeros(N, np.int32)
+    key_block_seq = np.full(N, -2, np.int32)
+    key_block_pos = np.zeros(N, np.int32)
+    logits_indices = np.zeros(B, np.int32)
+
+    t = n = 0
+    for i, s in enumerate(sched):
+        tokens = s.request.all_token_ids
+        pos = np.arange(s.start, s.end, dtype=np.int32)
+        blocks = np.asarray(s.request.block_ids, np.int32)
+        token_ids[t:t + s.num_tokens] = tokens[s.start:s.end]
+        positions[t:t + s.num_tokens] = pos
+        slot_mapping[t:t + s.num_tokens] = blocks[pos // block_size] * block_size + pos % block_size
+        token_seq[t:t + s.num_tokens] = i
+        nb = -(-s.end // block_size)
+        key_block_ids[n:n + nb] = blocks[:nb]
+        key_block_seq[n:n + nb] = i
+        key_block_pos[n:n + nb] = np.arange(nb, dtype=np.int32) * block_size
+        logits_indices[i] = t + s.num_tokens - 1
+        t += s.num_tokens
+        n += nb
+    batch = Batch(token_ids, positions, slot_mapping, token_seq, key_block_ids, key_block_seq,
+                  key_block_pos, logits_indices)
+    return batch, BucketSizes(T, N, B)
+
+
+def _pad_rows(rows: list[list[int]], fill: int, dtype: type) -> np.ndarray:
+    width = bucket(max((len(r) for r in rows), default=1))
+    out = np.full((len(rows), width), fill, dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def prepare_sampling(out: SchedulerOutput, num_seqs: int,
+                     vocab_size: int) -> tuple[SamplingMetadata, SamplerFlags]:
+    """Per-row sampling settings, padded to `num_seqs` rows (padding rows are greedy)."""
+    requests = [s.request for s in out.scheduled]
+    params = [r.sampling_params for r in requests]
+    pad = num_seqs - len(requests)
+
+    def column(values: list, fill: float, dtype: type) -> np.ndarray:
+        return np.asarray(list(values) + [fill] * pad, dtype)
+
+    meta = dict(
+        temperature=column([p.temperature for p in params], 0.0, np.float32),
+        top_k=column([max(p.top_k, 0) for p in params], 0, np.int32),
+        top_p=column([p.top_p for p in params], 1.0, np.float32),
+        min_p=column([p.min_p for p in params], 0.0, np.float32),
+        seeds=column([r.seed for r in requests], 0, np.uint32),
+        counters=column([len(r.output_token_ids) for r in requests], 0, np.int32),
+    )
+    bias_rows = [_bias_entries(r) for r in requests]
+    if any(bias_rows):
+        bias_rows += [[]] * pad
+        meta["bias_ids"] = _pad_rows([[i for i, _ in row] for row in bias_rows], vocab_size, np.int32)
+        values = _pad_rows([[0] * len(row) for row in bias_rows], 0, np.float32)
+        for i, row in enumerate(bias_rows):
+            values[i, :len(row)] = [v for _, v in row]
+        meta["bias_values"] = values
+    if any(p.uses_penalties for p in params):
+        meta["prompt_ids"] = _pad_rows([r.prompt_token_ids for r in requests] + [[]] * pad, vocab_size, np.int32)
+        meta["output_ids"] = _pad_rows([r.output_token_ids for r in requests] + [[]] * pad, vocab_size, np.int32)
+        meta["presence_penalty"] = column([p.presence_penalty for p in params], 0.0, np.float32)
+        meta["frequency_penalty"] = column([p.frequency_penalty for p in params], 0.0, np.float32)
+        meta["repetition_penalty"] = column([p.repetition_penalty for p in params], 1.0, np.float32)
+    flags = SamplerFlags(
+        all_greedy=all(p.is_greedy for p in params),
+        needs_sort=any(not p.is_greedy and (p.top_k > 0 or p.top_p < 1) for p in params),
+        num_logprobs=MAX_LOGPROBS if any(p.logprobs is not None for p in params) else 0,
+    )
+    return SamplingMetadata(**meta), flags
+
+
+def _bias_entries(request) -> list[tuple[int, float]]:
+    """logit_bias, plus -inf on EOS and stop tokens while below min_tokens."""
+    p = request.sampling_params
+    entries = list((p.logit_bias or {}).items())
+    if len(request.output_token_ids) < p.min_tokens:
+        banned = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(request.eos_token_ids))
+        entries += [(t, -np.inf) for t in sorted(banned)]
+    return entries

@@ -1,0 +1,129 @@
+"""Sampling inside jit: logits -> bias -> penalties -> temperature -> min_p -> top-k/top-p -> token.
+
+Every row draws its Gumbel noise from `fold_in(key(seed), output index)` over the whole
+vocabulary, in vocabulary order, before any masking: a seeded request's tokens depend on
+its own (seed, position) only, never on what else shares the batch or on which optional
+stages the batch switched on.
+
+Optional stages are switched on per batch by the structure of `SamplingMetadata` (a None
+field skips its stage) and by the static `SamplerFlags`, so a greedy batch pays for no
+sort, no noise and no penalty bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from runner.sampling_params import MAX_LOGPROBS
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingMetadata:
+    temperature: Any  # [B] f32; 0 = greedy row
+    top_k: Any  # [B] i32; 0 = off
+    top_p: Any  # [B] f32; 1 = off
+    min_p: Any  # [B] f32; 0 = off
+    seeds: Any  # [B] u32
+    counters: Any  # [B] i32 output index of the token being sampled
+    bias_ids: Any = None  # [B, L] i32, pad = V (dropped); logit_bias and min_tokens bans
+    bias_values: Any = None  # [B, L] f32
+    prompt_ids: Any = None  # [B, Lp] i32, pad = V: tokens the repetition penalty sees
+    output_ids: Any = None  # [B, Lo] i32, pad = V: tokens every penalty sees
+    presence_penalty: Any = None  # [B] f32
+    frequency_penalty: Any = None  # [B] f32
+    repetition_penalty: Any = None  # [B] f32
+
+
+@dataclass(frozen=True)
+class SamplerFlags:
+    """Static switches: each distinct value is one compilation of the sampler."""
+
+    all_greedy: bool
+    needs_sort: bool  # some row uses top_k or top_p
+    num_logprobs: int  # 0, or MAX_LOGPROBS when some row asks for logprobs
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: Any  # [B] i32
+    logprobs: Any  # [B] f32 log-probability of the chosen token under the model
+    top_ids: Any  # [B, num_logprobs] i32
+    top_logprobs: Any  # [B, num_logprobs] f32
+
+
+def _scatter_rows(shape: tuple[int, int], ids: jax.Array, values: jax.Array) -> jax.Array:
+    rows = jnp.arange(shape[0])[:, None]
+    return jnp.zeros(shape, values.dtype).at[rows, ids].add(values, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """vLLM's penalties: repetition (multiplicative, prompt and output tokens), then
+    frequency and presence (additive, output tokens only)."""
+    shape = logits.shape
+    out_counts = _scatter_rows(shape, meta.output_ids, jnp.ones(meta.output_ids.shape, jnp.float32))
+    in_prompt = _scatter_rows(shape, meta.prompt_ids, jnp.ones(meta.prompt_ids.shape, jnp.float32)) > 0
+    seen = in_prompt | (out_counts > 0)
+    rep = meta.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - meta.frequency_penalty[:, None] * out_counts
+    return logits - meta.presence_penalty[:, None] * (out_counts > 0)
+
+
+def _top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Mask everything below each row's top-k and top-p thresholds (ties at a threshold stay)."""
+    V = logits.shape[-1]
+    ordered = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [B, 1]
+    ordered = jnp.where(jnp.arange(V)[None, :] < k[:, None], ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # Keep the smallest head whose mass reaches top_p: token i stays if the mass before it < top_p.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    num_kept = jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1), 1)
+    pth = jnp.take_along_axis(ordered, (num_kept - 1)[:, None], axis=-1)
+    return jnp.where(logits < jnp.maximum(kth, pth), -jnp.inf, logits)
+
+
+def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> SamplerOutput:
+    """Choose one token per row of `logits: [B, V]` float32."""
+    B, V = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    x = logits
+    if meta.bias_ids is not None:
+        x = x + _scatter_rows((B, V), meta.bias_ids, meta.bias_values)
+    if meta.output_ids is not None:
+        x = apply_penalties(x, meta)
+    tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if not flags.all_greedy:
+        is_greedy = meta.temperature == 0
+        x = x / jnp.where(is_greedy, 1.0, meta.temperature)[:, None]
+        probs = jax.nn.softmax(x, axis=-1)
+        x = jnp.where(probs < meta.min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, x)
+        if flags.needs_sort:
+            x = _top_k_top_p_mask(x, meta.top_k, meta.top_p)
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(meta.seeds, meta.counters)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
+        sampled = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+        tokens = jnp.where(is_greedy, tokens, sampled)
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
+    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def prompt_logprobs(logits: jax.Array, next_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities at every prompt position: of the actual next token, and the top ones.
+
+    Args:
+        logits: [T, V] float32 logits of every scheduled token.
+        next_ids: [T] the token that follows each position.
+    """
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, next_ids[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    return chosen, top_ids.astype(jnp.int32), top_logprobs

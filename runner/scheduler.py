@@ -1,0 +1,223 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence limit
+(`max_num_seqs`). Running requests are served first, in admission order: a decode takes
+one token, an unfinished prompt the next chunk that fits. Waiting requests are then
+admitted while budget, sequence slots and KV blocks last, each starting after the longest
+prefix the block pool already holds. When a running request needs a block and none is
+free, the most recently admitted request is preempted: its blocks are freed, its progress
+reset to zero, and it goes back to the front of the queue with its outputs kept.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from state.block_pool import BlockPool
+from state.config import RunnerConfig
+from state.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    start: int  # first position computed this step
+    num_tokens: int  # positions start .. start + num_tokens - 1
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step completes the request's known tokens, so its logits matter."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass
+class SchedulerStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
+    num_cached_prompt_tokens: int = 0  # of those, served from the prefix cache
+    num_computed_tokens: int = 0  # tokens run through the model
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: RunnerConfig, num_blocks: int) -> None:
+        cache, sched = config.cache_config, config.scheduler_config
+        self.block_size = cache.block_size
+        self.max_num_seqs = sched.max_num_seqs
+        self.max_num_batched_tokens = sched.max_num_batched_tokens
+        self.max_model_len = sched.max_model_len
+        self.chunked_prefill = sched.enable_chunked_prefill
+        self.pool = BlockPool(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = SchedulerStats()
+
+    # -- queue -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def live_requests(self) -> Iterable[Request]:
+        return [*self.running, *self.waiting]
+
+    # -- one step ----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._reserve(request, request.num_computed_tokens + n, out):
+                continue  # the request preempted itself
+            out.scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if not self._admit(request, budget, out):
+                break
+            budget -= out.scheduled[-1].num_tokens
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += out.num_tokens
+        return out
+
+    def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
+        """Start (or resume) the request at the head of the queue, if it fits now."""
+        first_admission = request.num_preemptions == 0
+        tokens = request.all_token_ids
+        # Prompt logprobs need every prompt position computed: such requests skip the cache.
+        wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
+        blocks, hashes = ([], []) if wants_prompt_logprobs else self.pool.lookup_prefix(tokens)
+        # At least one token must run through the model to produce the next token's logits.
+        while blocks and len(blocks) * self.block_size >= len(tokens):
+            self.pool.free([blocks.pop()])
+            hashes.pop()
+        num_cached = len(blocks) * self.block_size
+        n = len(tokens) - num_cached
+        if n > budget and not self.chunked_prefill:
+            self.pool.free(blocks)
+            return False
+        n = min(n, budget)
+        needed = self._blocks_for(num_cached + n) - len(blocks)
+        if needed > self.pool.num_free_blocks:
+            self.pool.free(blocks)
+            return False
+        request.block_ids = blocks + self.pool.allocate(needed)
+        request.block_hashes = hashes
+        request.num_computed_tokens = num_cached
+        if first_admission:
+            request.num_cached_tokens = num_cached
+            self.stats.num_prompt_tokens += len(request.prompt_token_ids)
+            self.stats.num_cached_prompt_tokens += num_cached
+        request.status = RequestStatus.RUNNING
+        self.waiting.popleft()
+        self.running.append(request)
+        out.scheduled.append(ScheduledRequest(request, num_cached, n))
+        return True
+
+    def _reserve(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Give `request` blocks for `num_tokens`, preempting later requests as needed.
+
+        Returns False when `request` itself had to be preempted.
+        """
+        needed = self._blocks_for(num_tokens) - len(request.block_ids)
+        while needed > self.pool.num_free_blocks:
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is request:
+                return False
+        if needed > 0:
+            request.block_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        out.scheduled = [s for s in out.scheduled if s.request is not request]
+        self.pool.free(request.block_ids)
+        request.block_ids, request.block_hashes = [], []
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.stats.num_preemptions += 1
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- after the step ----------------------------------------------------------------
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance every scheduled request; append the tokens sampled for those that sampled.
+
+        Returns the requests that finished on a token condition (EOS, stop token id,
+        max_tokens, max_model_len). Stop strings are the caller's (it owns the detokenizer).
+        """
+        finished = []
+        for s in out.scheduled:
+            request = s.request
+            request.num_computed_tokens = s.end
+            self.pool.cache_blocks(request.block_ids, request.block_hashes, request.all_token_ids,
+                                   request.num_computed_tokens // self.block_size)
+            if not s.samples:
+                continue
+            token = sampled[request.request_id]
+            request.output_token_ids.append(token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.finish(request, *reason)
+                finished.append(request)
+        return finished
+
+    def _stop_reason(self, request: Request, token: int) -> tuple[str, int | None] | None:
+        params = request.sampling_params
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return "stop", None
+            if params.stop_token_ids and token in params.stop_token_ids:
+                return "stop", token
+        if num_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def finish(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        """Retire a request and return its blocks to the pool (its cached prefix stays)."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        if request.status is not RequestStatus.FINISHED:
+            self.pool.free(request.block_ids)
+            request.block_ids = []
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+
+    def abort_all(self) -> None:
+        """Retire every live request (used when a generate call is interrupted)."""
+        for request in list(self.live_requests()):
+            self.finish(request, "abort")
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()

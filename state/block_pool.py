@@ -1,0 +1,132 @@
+"""The KV block pool: reference counts, prefix caching, lazy LRU eviction.
+
+A block is *free* when no request holds it (reference count 0). Free blocks wait in one
+LRU queue; a free block that still carries a prefix hash keeps its KV contents and can be
+revived by a later request with the same prefix until the queue hands it out again
+(lazy eviction). A full block's hash chains its parent's: `sha256(parent_hash, token ids)`,
+so equal hashes mean equal whole prefixes, not just equal blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class NoFreeBlocksError(RuntimeError):
+    """Raised by `allocate` when the pool cannot hand out the blocks asked for."""
+
+
+def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
+    """Chained digest of one full block (sha256: a collision would serve wrong KV)."""
+    h = hashlib.sha256(parent or b"")
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> block holding that prefix's KV
+        self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` blocks with reference count 1, least recently freed first."""
+        if n > len(self.free_queue):
+            raise NoFreeBlocksError(f"asked for {n} KV blocks, {len(self.free_queue)} free")
+        blocks = []
+        for _ in range(n):
+            block, _ = self.free_queue.popitem(last=False)
+            self._evict(block)
+            self.ref_counts[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block; a block nobody holds joins the LRU queue.
+
+        Blocks are queued in reverse so a request's tail blocks (the least shareable) are
+        evicted before its head.
+        """
+        for block in reversed(blocks):
+            if self.ref_counts[block] <= 0:
+                raise RuntimeError(f"block {block} freed while not allocated")
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+
+    def lookup_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
+        """The cached blocks of the longest cached prefix of `token_ids`, and their hashes.
+
+        Takes a reference to each block returned (reviving it from the free queue).
+        """
+        if not self.enable_caching:
+            return [], []
+        blocks, hashes, parent = [], [], None
+        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
+            digest = hash_block(parent, token_ids[start:start + self.block_size])
+            block = self.cached.get(digest)
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(digest)
+            parent = digest
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                del self.free_queue[block]
+            self.ref_counts[block] += 1
+        return blocks, hashes
+
+    def cache_blocks(self, blocks: Sequence[int], hashes: list[bytes], token_ids: Sequence[int],
+                     num_full_blocks: int) -> None:
+        """Register the full blocks of a request beyond those already in `hashes`.
+
+        `hashes` is the request's own list of its blocks' digests; it is extended in place.
+        A prefix already cached in another block stays with that block.
+        """
+        if not self.enable_caching:
+            return
+        for i in range(len(hashes), num_full_blocks):
+            parent = hashes[-1] if hashes else None
+            digest = hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
+            hashes.append(digest)
+            if digest not in self.cached and self.block_hash[blocks[i]] is None:
+                self.cached[digest] = blocks[i]
+                self.block_hash[blocks[i]] = digest
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: later requests recompute their whole prompt."""
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+
+    def _evict(self, block: int) -> None:
+        digest = self.block_hash[block]
+        if digest is not None:
+            del self.cached[digest]
+            self.block_hash[block] = None
+
+    def check_invariants(self, held: Sequence[Sequence[int]] = ()) -> None:
+        """Assert the pool is consistent with the block lists `held` by live requests."""
+        expected = [0] * self.num_blocks
+        for blocks in held:
+            for b in blocks:
+                expected[b] += 1
+        if expected != self.ref_counts:
+            raise AssertionError("reference counts disagree with the blocks requests hold")
+        free = {b for b in range(self.num_blocks) if self.ref_counts[b] == 0}
+        if free != set(self.free_queue):
+            raise AssertionError("free queue disagrees with reference counts")
+        for digest, block in self.cached.items():
+            if self.block_hash[block] != digest:
+                raise AssertionError(f"cached block {block} lost its hash")

@@ -1,0 +1,435 @@
+"""Frozen configuration records and the pure `update_config`.
+
+Every record is a frozen dataclass whose `__post_init__` validates and never rewrites a
+user's value. `update_config(config, overrides)` is the only way to change one: a nested
+dict merge, `dataclasses.replace`, and validation re-run on every record it touches.
+
+Each field declares in its metadata what a change to it costs a running runner
+(`Effect`); `describe_effects()` renders that table and the runner refuses what it
+cannot apply while running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class Effect(str, enum.Enum):
+    """What a running runner must do when a config field changes."""
+
+    NONE = "none"  # read afresh where it is used; nothing else to do
+    RELOAD = "reload"  # takes effect at the next reload_weights()
+    RECOMPILE = "recompile"  # static argument of the jitted step: next step recompiles
+    REALLOCATE = "reallocate"  # changes KV cache layout: needs a new runner
+    RESTART = "restart"  # changes parameter shapes or tree structure: needs a new runner
+
+
+def _f(effect: Effect, default: Any = dataclasses.MISSING, doc: str = "") -> Any:
+    """A dataclass field carrying its change effect and a one-line doc."""
+    meta = {"effect": effect, "doc": doc}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _require(ok: bool, record: str, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{record}.{name}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    _require(_is_int(value) and value > 0, record, name, f"expected a positive int, got {value!r}")
+
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency-dependent RoPE scaling (`rope_type: "llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and value > 0, "RopeScaling", name,
+                     f"expected a positive number, got {value!r}")
+        _require(self.high_freq_factor > self.low_freq_factor, "RopeScaling", "high_freq_factor",
+                 f"must exceed low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}")
+        _check_positive_int("RopeScaling", "original_max_position_embeddings",
+                            self.original_max_position_embeddings)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a llama-like decoder. Hashable: the jitted step takes it as static."""
+
+    architecture: str = _f(Effect.RESTART, doc="Qwen3ForCausalLM or LlamaForCausalLM")
+    vocab_size: int = _f(Effect.RESTART)
+    hidden_size: int = _f(Effect.RESTART)
+    intermediate_size: int = _f(Effect.RESTART)
+    num_hidden_layers: int = _f(Effect.RESTART)
+    num_attention_heads: int = _f(Effect.RESTART)
+    num_key_value_heads: int = _f(Effect.RESTART)
+    head_dim: int = _f(Effect.RESTART)
+    tie_word_embeddings: bool = _f(Effect.RESTART, False, "one embedding leaf serves as lm_head")
+    dtype: str = _f(Effect.RESTART, "float32", "parameter and activation dtype")
+    rms_norm_eps: float = _f(Effect.RECOMPILE, 1e-6)
+    rope_theta: float = _f(Effect.RECOMPILE, 10000.0)
+    rope_scaling: RopeScaling | None = _f(Effect.RECOMPILE, None, "llama3 scaling or None")
+    model: str | None = _f(Effect.RELOAD, None, "checkpoint folder (HF layout or orbax)")
+    max_position_embeddings: int = _f(Effect.NONE, 4096)
+    bos_token_id: int | None = _f(Effect.NONE, None)
+    eos_token_ids: tuple[int, ...] = _f(Effect.NONE, (), "generation stops on any of these")
+    initializer_range: float = _f(Effect.NONE, 0.02, "std of dummy weights")
+
+    def __post_init__(self) -> None:
+        name = "ModelConfig"
+        _require(self.architecture in SUPPORTED_ARCHITECTURES, name, "architecture",
+                 f"unsupported {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            _check_positive_int(name, f, getattr(self, f))
+        _require(self.num_attention_heads % self.num_key_value_heads == 0, name,
+                 "num_key_value_heads", f"{self.num_key_value_heads} must divide "
+                 f"num_attention_heads ({self.num_attention_heads})")
+        _require(self.head_dim % 2 == 0, name, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+        _require(self.dtype in SUPPORTED_DTYPES, name, "dtype",
+                 f"unsupported {self.dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
+        _require(isinstance(self.tie_word_embeddings, bool), name, "tie_word_embeddings",
+                 f"expected a bool, got {self.tie_word_embeddings!r}")
+        _require(isinstance(self.rms_norm_eps, float) and self.rms_norm_eps > 0, name, "rms_norm_eps",
+                 f"expected a positive float, got {self.rms_norm_eps!r}")
+        _require(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, name, "rope_theta",
+                 f"expected a positive number, got {self.rope_theta!r}")
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), name,
+                 "rope_scaling", f"expected RopeScaling or None, got {self.rope_scaling!r}")
+        _require(self.model is None or isinstance(self.model, str), name, "model",
+                 f"expected a path string or None, got {self.model!r}")
+        _require(isinstance(self.eos_token_ids, tuple) and all(_is_int(t) for t in self.eos_token_ids),
+                 name, "eos_token_ids", f"expected a tuple of ints, got {self.eos_token_ids!r}")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 normalises each query and key head before RoPE; Llama does not."""
+        return self.architecture == "Qwen3ForCausalLM"
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def for_compile(self) -> ModelConfig:
+        """This record with every field that cannot change compiled code reset.
+
+        The jitted step takes the result as its static argument, so pointing `model` at
+        another checkpoint or changing the EOS ids never triggers a recompilation.
+        """
+        resets = {f.name: f.default for f in dataclasses.fields(self)
+                  if f.metadata["effect"] in (Effect.NONE, Effect.RELOAD)}
+        return dataclasses.replace(self, **resets)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "auto") -> ModelConfig:
+        """Read a Hugging Face `config.json`; refuse any feature this runner does not implement."""
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in {str(path)!r}: expected a Hugging Face model folder")
+        try:
+            hf = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        if not isinstance(hf, dict):
+            raise ValueError(f"{config_file} must hold a JSON object, got {type(hf).__name__}")
+        return cls.from_hf_dict(hf, model=str(path), dtype=dtype)
+
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any], *, model: str | None = None,
+                     dtype: str = "auto") -> ModelConfig:
+        archs = hf.get("architectures") or []
+        if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architectures {archs!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        _reject_unimplemented(hf)
+        try:
+            hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+            if dtype == "auto":
+                dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+            eos = hf.get("eos_token_id")
+            eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+            return cls(
+                architecture=archs[0],
+                vocab_size=hf["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=hf["intermediate_size"],
+                num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim") or hidden // heads,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                dtype=dtype,
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                rope_scaling=_rope_scaling(rope),
+                model=model,
+                max_position_embeddings=hf.get("max_position_embeddings", 4096),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                initializer_range=float(hf.get("initializer_range", 0.02)),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the required field {e.args[0]!r}") from e
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` of this architecture (for export)."""
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling is not None:
+            rope = {**rope, "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        eos: int | list[int] | None = (None if not self.eos_token_ids else
+                                       self.eos_token_ids[0] if len(self.eos_token_ids) == 1
+                                       else list(self.eos_token_ids))
+        return {
+            "architectures": [self.architecture],
+            "model_type": "qwen3" if self.qk_norm else "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "initializer_range": self.initializer_range,
+            "attention_bias": False,
+            "torch_dtype": self.dtype,
+        }
+
+
+def _reject_unimplemented(hf: Mapping[str, Any]) -> None:
+    """Fail on config features that would silently change the model if ignored."""
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if hf.get(flag):
+            problems.append(f"{flag}=true")
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types other than 'full_attention': {sorted(set(layer_types))}")
+    if problems:
+        raise ValueError("config.json uses features this runner does not implement: " + "; ".join(problems))
+
+
+def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'default', 'llama3'")
+    try:
+        return RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ValueError(f"llama3 rope scaling lacks {e.args[0]!r}") from e
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Where weights come from. The checkpoint path itself lives in `ModelConfig.model` only."""
+
+    load_format: str = _f(Effect.RELOAD, "auto", "auto | safetensors | dummy | orbax")
+    seed: int = _f(Effect.RELOAD, 0, "seed of dummy weights")
+    check_finite: bool = _f(Effect.RELOAD, True, "refuse weights holding NaN or inf")
+
+    def __post_init__(self) -> None:
+        _require(self.load_format in LOAD_FORMATS, "LoadConfig", "load_format",
+                 f"unknown {self.load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
+        _require(_is_int(self.seed), "LoadConfig", "seed", f"expected an int, got {self.seed!r}")
+        _require(isinstance(self.check_finite, bool), "LoadConfig", "check_finite",
+                 f"expected a bool, got {self.check_finite!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache layout and budget."""
+
+    block_size: int = _f(Effect.REALLOCATE, 16, "tokens per KV block")
+    num_blocks: int | None = _f(Effect.REALLOCATE, None, "KV blocks; None: from memory_budget_bytes")
+    memory_budget_bytes: int | None = _f(Effect.REALLOCATE, None, "KV budget when num_blocks is None")
+    kv_cache_dtype: str = _f(Effect.REALLOCATE, "auto", "auto (= model dtype) | float32 | bfloat16 | fp8")
+    enable_prefix_caching: bool = _f(Effect.REALLOCATE, True, "share full blocks between requests")
+
+    def __post_init__(self) -> None:
+        _check_positive_int("CacheConfig", "block_size", self.block_size)
+        _check_positive_int("CacheConfig", "num_blocks", self.num_blocks, allow_none=True)
+        _check_positive_int("CacheConfig", "memory_budget_bytes", self.memory_budget_bytes, allow_none=True)
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "CacheConfig", "kv_cache_dtype",
+                 f"unknown {self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
+        _require(isinstance(self.enable_prefix_caching, bool), "CacheConfig", "enable_prefix_caching",
+                 f"expected a bool, got {self.enable_prefix_caching!r}")
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.kv_cache_dtype.startswith("fp8")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits of the scheduler."""
+
+    max_model_len: int = _f(Effect.REALLOCATE, 4096, "prompt plus output tokens per request")
+    max_num_seqs: int = _f(Effect.RECOMPILE, 32, "requests per step")
+    max_num_batched_tokens: int = _f(Effect.RECOMPILE, 512, "tokens per step")
+    enable_chunked_prefill: bool = _f(Effect.NONE, True, "split long prompts across steps")
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            _check_positive_int("SchedulerConfig", name, getattr(self, name))
+        _require(self.max_num_batched_tokens >= self.max_num_seqs, "SchedulerConfig",
+                 "max_num_batched_tokens", f"{self.max_num_batched_tokens} must be at least "
+                 f"max_num_seqs ({self.max_num_seqs}) so every running request can decode")
+        _require(isinstance(self.enable_chunked_prefill, bool), "SchedulerConfig",
+                 "enable_chunked_prefill", f"expected a bool, got {self.enable_chunked_prefill!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Device mesh shape: data parallel x tensor parallel."""
+
+    tensor_parallel_size: int = _f(Effect.RESTART, 1)
+    data_parallel_size: int = _f(Effect.RESTART, 1)
+
+    def __post_init__(self) -> None:
+        _check_positive_int("ParallelConfig", "tensor_parallel_size", self.tensor_parallel_size)
+        _check_positive_int("ParallelConfig", "data_parallel_size", self.data_parallel_size)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """The one configuration record of a runner."""
+
+    model_config: ModelConfig
+    load_config: LoadConfig = field(default_factory=LoadConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if type(value).__name__ != _declared_type_name(f):
+                raise ValueError(f"RunnerConfig.{f.name}: expected {_declared_type_name(f)}, "
+                                 f"got {type(value).__name__}")
+        max_len, max_pos = self.scheduler_config.max_model_len, self.model_config.max_position_embeddings
+        _require(max_len <= max_pos, "SchedulerConfig", "max_model_len",
+                 f"{max_len} exceeds the model's max_position_embeddings ({max_pos})")
+        heads, kv_heads = self.model_config.num_attention_heads, self.model_config.num_key_value_heads
+        tp = self.parallel_config.tensor_parallel_size
+        _require(heads % tp == 0, "ParallelConfig", "tensor_parallel_size",
+                 f"{tp} must divide num_attention_heads ({heads})")
+        _require(kv_heads % tp == 0 or tp % kv_heads == 0, "ParallelConfig", "tensor_parallel_size",
+                 f"{tp} must divide num_key_value_heads ({kv_heads}) or be a multiple of it")
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The resolved KV storage dtype name (`auto` follows the model dtype)."""
+        kind = self.cache_config.kv_cache_dtype
+        if kind == "auto":
+            return self.model_config.dtype
+        return "float8_e4m3fn" if kind.startswith("fp8") else kind
+
+
+def _declared_type_name(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def update_config(config: Any, overrides: Mapping[str, Any]) -> Any:
+    """A new record with `overrides` merged in; `config` itself is unchanged.
+
+    Nested dicts merge into nested records; every touched record is rebuilt with
+    `dataclasses.replace`, so its validation runs again.
+
+    Raises:
+        ValueError: an unknown section or field (the message lists the valid ones), or a
+            value the record's validation rejects.
+    """
+    return _merge(config, overrides, path="")
+
+
+def _merge(record: Any, overrides: Mapping[str, Any], path: str) -> Any:
+    kind = "section" if not path else "field"
+    where = f" of {path.rstrip('.')}" if path else ""
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"overrides{where} must be a dict, got {type(overrides).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(record)}
+    hints = typing.get_type_hints(type(record))
+    changes = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"unknown config {kind} {path}{key!r}; valid {kind}s{where}: "
+                             f"{', '.join(sorted(fields))}")
+        current = getattr(record, key)
+        nested_type = _record_type(hints[key])
+        if isinstance(value, Mapping) and nested_type is not None:
+            if current is None:  # e.g. switching rope scaling on: build the record from the dict
+                try:
+                    value = nested_type(**value)
+                except TypeError as e:
+                    raise ValueError(f"{path}{key}: {e}") from e
+            else:
+                value = _merge(current, value, f"{path}{key}.")
+        elif isinstance(current, tuple) and isinstance(value, Sequence) and not isinstance(value, str):
+            value = tuple(value)  # JSON-style lists stay hashable
+        changes[key] = value
+    return dataclasses.replace(record, **changes)
+
+
+def _record_type(hint: Any) -> type | None:
+    """The dataclass type inside a hint such as `RopeScaling | None`, if any."""
+    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for c in candidates:
+        if dataclasses.is_dataclass(c):
+            return c
+    return None
+
+
+def describe_effects() -> str:
+    """A Markdown table: every field and what changing it costs a running runner."""
+    rows = ["| field | on change | meaning |", "| --- | --- | --- |"]
+    for section, cls in (("model_config", ModelConfig), ("load_config", LoadConfig),
+                         ("cache_config", CacheConfig), ("scheduler_config", SchedulerConfig),
+                         ("parallel_config", ParallelConfig)):
+        for f in dataclasses.fields(cls):
+            rows.append(f"| {section}.{f.name} | {f.metadata['effect'].value} | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,81 @@
+"""The paged KV cache: one `KVCache` record per layer, addressed through block tables.
+
+Layout per layer: `k, v: [K, P, S, Dh]` (KV heads, blocks, slots per block, head dim), the
+page layout of JAX's Pallas GPU paged-attention kernel, so the decode backend reads the
+cache as it is. The token at position `pos` of a sequence lives at
+`slot = block_table[pos // S] * S + pos % S`. A tuple of per-layer arrays (not one stacked
+array) lets the donated cache be updated in place layer by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from state.config import RunnerConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    k: Any  # [K, P, S, Dh]
+    v: Any  # [K, P, S, Dh]
+
+
+def kv_cache_specs(config: RunnerConfig, num_blocks: int) -> tuple[KVCache, ...]:
+    """Abstract per-layer cache arrays for `num_blocks` blocks."""
+    m = config.model_config
+    shape = (m.num_key_value_heads, num_blocks, config.cache_config.block_size, m.head_dim)
+    leaf = jax.ShapeDtypeStruct(shape, jnp.dtype(config.kv_cache_dtype))
+    return tuple(KVCache(k=leaf, v=leaf) for _ in range(m.num_hidden_layers))
+
+
+def bytes_per_block(config: RunnerConfig) -> int:
+    """Device bytes one block costs across all layers, K and V."""
+    m = config.model_config
+    per_layer = 2 * m.num_key_value_heads * config.cache_config.block_size * m.head_dim
+    return per_layer * m.num_hidden_layers * jnp.dtype(config.kv_cache_dtype).itemsize
+
+
+def blocks_per_seq(config: RunnerConfig) -> int:
+    """Blocks one request of `max_model_len` tokens needs."""
+    return -(-config.scheduler_config.max_model_len // config.cache_config.block_size)
+
+
+def resolve_num_blocks(config: RunnerConfig, free_device_bytes: int | None) -> int:
+    """How many KV blocks to allocate.
+
+    `cache_config.num_blocks` wins when set. Otherwise the budget is
+    `cache_config.memory_budget_bytes`, else 90% of the free device memory when the backend
+    reports it, else (CPU) enough blocks for `max_num_seqs` requests of `max_model_len`
+    tokens, capped at 2 GiB.
+    """
+    cache = config.cache_config
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    if cache.memory_budget_bytes is not None:
+        budget = cache.memory_budget_bytes
+    elif free_device_bytes is not None:
+        budget = int(0.9 * free_device_bytes)
+    else:
+        want = blocks_per_seq(config) * config.scheduler_config.max_num_seqs
+        budget = min(want * bytes_per_block(config), 2 << 30)
+    num_blocks = budget // bytes_per_block(config)
+    if num_blocks < blocks_per_seq(config):
+        raise ValueError(
+            f"KV cache budget of {budget} bytes holds {num_blocks} blocks, fewer than the "
+            f"{blocks_per_seq(config)} one request of max_model_len="
+            f"{config.scheduler_config.max_model_len} needs; raise the budget or lower max_model_len")
+    return int(num_blocks)
+
+
+def allocate_kv_cache(config: RunnerConfig, num_blocks: int,
+                      shardings: Any = None) -> tuple[KVCache, ...]:
+    """Zero-filled cache arrays, placed on `shardings` (a matching tree) when given."""
+    specs = kv_cache_specs(config, num_blocks)
+    if shardings is None:
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), specs)
+    return jax.tree.map(lambda s, sh: jnp.zeros(s.shape, s.dtype, device=sh), specs, shardings)

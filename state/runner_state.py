@@ -1,0 +1,42 @@
+"""The one record a runner holds: configuration, weights, KV cache, sleep state.
+
+Every lifecycle operation (`runner.lifecycle`) maps a record to a new record; the shell
+object swaps its reference only once the new record is complete, so a failed operation
+leaves the old record, and everything derived from it, untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from state.config import RunnerConfig
+from state.kv_cache import KVCache
+from state.params import Params
+
+
+@dataclass(frozen=True)
+class RunnerState:
+    config: RunnerConfig
+    params: Params | None  # on device; None while the weights sleep
+    kv_cache: tuple[KVCache, ...] | None  # None while the cache sleeps
+    num_blocks: int
+    param_shardings: Any  # Params tree of jax.sharding.Sharding: where each leaf lives
+    kv_shardings: Any  # KV cache tree of shardings, reused when the cache is reallocated
+    host_params: Params | None = None  # level-1 sleep: the weights, in host memory
+    weights_stale: bool = False  # level-2 wake-up: buffers exist, values do not (reload first)
+
+    @property
+    def sleeping(self) -> tuple[str, ...]:
+        """Which of "weights", "kv_cache" are asleep."""
+        return tuple(tag for tag, value in (("weights", self.params), ("kv_cache", self.kv_cache))
+                     if value is None)
+
+    def check_servable(self) -> None:
+        """Raise unless this record can run a step."""
+        if self.sleeping:
+            raise RuntimeError(f"the runner is asleep ({' and '.join(self.sleeping)} released): "
+                               "call wake_up() before generating")
+        if self.weights_stale:
+            raise RuntimeError("the weights were woken from a level-2 sleep and hold no values: "
+                               "call reload_weights() before generating")
