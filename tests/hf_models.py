@@ -1,0 +1,60 @@
+"""Tiny random Hugging Face models, built and saved by the tests themselves.
+
+Dimensions are small and prime-ish so that a transposed or mis-reshaped tensor fails
+loudly instead of lining up by accident.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+BASE: dict[str, Any] = dict(
+    vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
+    rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+)
+
+# name -> (architecture, config overrides)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3_tied": ("qwen3", dict(tie_word_embeddings=True)),
+    "qwen3_untied_gqa3": ("qwen3", dict(tie_word_embeddings=False, num_attention_heads=6,
+                                        num_key_value_heads=2, head_dim=10)),
+    "qwen3_mqa": ("qwen3", dict(tie_word_embeddings=True, num_attention_heads=4,
+                                num_key_value_heads=1)),
+    "llama3_rope": ("llama", dict(tie_word_embeddings=False, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+    "llama_tied_mha": ("llama", dict(tie_word_embeddings=True, num_attention_heads=4,
+                                     num_key_value_heads=4, head_dim=10)),
+}
+
+
+def build(kind: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
+    """A random HF model of the given family; weights drawn with a larger std than HF's
+    default so logits are spread out and greedy choices are not near-ties."""
+    family = "qwen3" if kind.startswith("qwen3") else "llama"
+    fields = {**BASE, **overrides}
+    config_cls = transformers.Qwen3Config if family == "qwen3" else transformers.LlamaConfig
+    config = config_cls(**fields)
+    torch.manual_seed(seed)
+    model_cls = transformers.Qwen3ForCausalLM if family == "qwen3" else transformers.LlamaForCausalLM
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+def save_variant(name: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 **extra: Any) -> tuple[Path, transformers.PreTrainedModel]:
+    family, overrides = VARIANTS[name]
+    model = build(family, seed=seed, **{**overrides, **extra}).to(dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, model
