@@ -11,6 +11,7 @@ caller swapping trees never sees a half-loaded one.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -183,12 +184,18 @@ def dummy_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) -
     for i, (spec, sharding) in enumerate(zip(flat, placed)):
         if spec.init == "ones":
             leaves.append(jnp.ones(spec.shape, spec.dtype, device=sharding))
-            continue
-        draw = jax.jit(lambda k, s=spec: (cfg.initializer_range
-                                          * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype),
-                       out_shardings=sharding)
-        leaves.append(draw(jax.random.fold_in(key, i)))
+        else:
+            draw = _normal_drawer(spec.shape, spec.dtype, sharding)
+            leaves.append(draw(jax.random.fold_in(key, i), cfg.initializer_range))
     return jax.tree.unflatten(treedef, leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _normal_drawer(shape: tuple[int, ...], dtype: jnp.dtype, sharding: Any) -> Any:
+    """One compiled sampler per distinct leaf shape (the layers share theirs)."""
+    def draw(key: jax.Array, std: jax.Array) -> jax.Array:
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return jax.jit(draw, out_shardings=sharding)
 
 
 def load_params(config: RunnerConfig, shardings: Params | None = None) -> Params:
@@ -231,7 +238,13 @@ def validate_params(params: Any, cfg: ModelConfig, *, check_finite: bool = True)
             raise CheckpointError(f"leaf {path!r} has dtype {dtype}; expected {spec.dtype} "
                                   "(convert explicitly with .astype before handing it over)")
     if check_finite:
-        bad = [p for p, leaf in zip(expected, jax.tree.leaves(params))
-               if not bool(jnp.isfinite(leaf).all())]
+        finite = jax.device_get(_finite_leaves(jax.tree.leaves(params)))
+        bad = [p for p, ok in zip(expected, finite) if not ok]
         if bad:
             raise CheckpointError(f"leaf {bad[0]!r} holds NaN or infinite values")
+
+
+@jax.jit
+def _finite_leaves(leaves: list[jax.Array]) -> jax.Array:
+    """[num_leaves] bool: one program per tree shape, one transfer for the whole tree."""
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
