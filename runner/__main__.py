@@ -28,6 +28,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from runner import bench
+
+    w = bench.Workload(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size, num_layers=args.num_layers,
+        num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+        dtype=args.dtype, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+        batch_sizes=tuple(args.batch_sizes), repeats=args.repeats)
+    bench.run(w, model=args.model, reference=not args.no_reference, output=args.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--compilation-cache", default=None, metavar="DIR",
                      help="persistent compilation cache directory (a second run starts faster)")
     gen.set_defaults(func=_generate)
+
+    from runner.bench import Workload
+    w = Workload()
+    b = commands.add_parser("bench", help="workload W1 on this runner and on transformers, side by side")
+    b.add_argument("--model", default=None, help="HF folder to benchmark instead of W1's random weights")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=list(w.batch_sizes))
+    b.add_argument("--prompt-len", type=int, default=w.prompt_len)
+    b.add_argument("--max-tokens", type=int, default=w.max_tokens)
+    b.add_argument("--repeats", type=int, default=w.repeats)
+    b.add_argument("--dtype", default=w.dtype, choices=["float32", "bfloat16"])
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim"):
+        b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(w, name))
+    b.add_argument("--no-reference", action="store_true", help="skip transformers")
+    b.add_argument("--output", default="bench.json", help="JSON report path")
+    b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

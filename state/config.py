@@ -228,7 +228,8 @@ class ModelConfig:
             "eos_token_id": eos,
             "initializer_range": self.initializer_range,
             "attention_bias": False,
-            "torch_dtype": self.dtype,
+            "dtype": self.dtype,
+            "torch_dtype": self.dtype,  # the key transformers 4.x reads
         }
 
 
