@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models.attention import paged_attention, write_kv
+from models import attention, pallas_attention
 from models.rope import apply_rope, rope_tables
 from state.batch import Batch
 from state.config import ModelConfig
@@ -25,8 +25,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
+# Attention backends by name: each owns its KV layout and offers write_kv and paged_attention.
+BACKENDS = {"reference": attention, "pallas": pallas_attention}
+
+
 def _attention_block(layer: LayerParams, x: jax.Array, cache: KVCache, batch: Batch,
-                     cos: jax.Array, sin: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+                     cos: jax.Array, sin: jax.Array, cfg: ModelConfig,
+                     backend: str) -> tuple[jax.Array, KVCache]:
     T = x.shape[0]
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
@@ -37,8 +42,9 @@ def _attention_block(layer: LayerParams, x: jax.Array, cache: KVCache, batch: Ba
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache = write_kv(cache, k, v, batch.slot_mapping, layer.k_scale, layer.v_scale)
-    o = paged_attention(q, cache, batch, layer.k_scale, layer.v_scale)  # [T, H, Dh]
+    ops = BACKENDS[backend]
+    cache = ops.write_kv(cache, k, v, batch.slot_mapping, layer.k_scale, layer.v_scale)
+    o = ops.paged_attention(q, cache, batch, layer.k_scale, layer.v_scale)  # [T, H, Dh]
     return x + o.reshape(T, H * Dh) @ layer.wo, cache
 
 
@@ -47,9 +53,12 @@ def _mlp_block(layer: LayerParams, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return x + (jax.nn.silu(h @ layer.w_gate) * (h @ layer.w_up)) @ layer.w_down
 
 
-def forward(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch,
-            cfg: ModelConfig) -> tuple[jax.Array, tuple[KVCache, ...]]:
+def forward(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
+            backend: str = "reference") -> tuple[jax.Array, tuple[KVCache, ...]]:
     """Run the decoder over the step's tokens.
+
+    `backend` names the attention implementation (and so the KV layout): "reference" or
+    "pallas".
 
     Returns:
         hidden: [T, D] final-normed hidden states of every scheduled token.
@@ -61,7 +70,7 @@ def forward(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch,
     # A Python loop, not lax.scan: each layer's cache is its own donated buffer, updated in
     # place; scanning over a stacked cache would copy all of it at every layer.
     for layer, cache in zip(params.layers, kv_cache):
-        x, cache = _attention_block(layer, x, cache, batch, cos, sin, cfg)
+        x, cache = _attention_block(layer, x, cache, batch, cos, sin, cfg, backend)
         x = _mlp_block(layer, x, cfg)
         new_cache.append(cache)
     return rms_norm(x, params.final_norm, cfg.rms_norm_eps), tuple(new_cache)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -40,6 +41,7 @@ class LLM:
         seed: seeds dummy weights and the per-request seeds of unseeded requests.
         max_model_len: prompt plus output tokens per request (default: the model's maximum).
         num_kv_blocks: KV blocks to allocate (default: from the memory budget).
+        attention_backend: reference | pallas (default: pallas on GPU, reference elsewhere).
         model_config, params: serve an in-memory tree instead of a folder (see `from_params`).
     """
 
@@ -48,7 +50,8 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
+                 kv_cache_dtype: str = "auto", attention_backend: str | None = None,
+                 tensor_parallel_size: int = 1,
                  tokenizer: str | Tokenizer | None = None, enable_sleep_mode: bool = True,
                  model_config: ModelConfig | None = None, params: Params | None = None) -> None:
         if model_config is None:
@@ -56,7 +59,7 @@ class LLM:
                 model_config, load_format = demo.model_config(), "dummy"
                 tokenizer = tokenizer or demo.tokenizer()
             else:
-                model_config = ModelConfig.from_pretrained(model, dtype=dtype)
+                model_config = ModelConfig.from_pretrained(model, dtype=_resolve_dtype(model, dtype))
         max_model_len = max_model_len or model_config.max_position_embeddings
         config = RunnerConfig(
             model_config=model_config,
@@ -64,7 +67,8 @@ class LLM:
             cache_config=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                                      memory_budget_bytes=kv_cache_memory_bytes,
                                      kv_cache_dtype=kv_cache_dtype,
-                                     enable_prefix_caching=enable_prefix_caching),
+                                     enable_prefix_caching=enable_prefix_caching,
+                                     attention_backend=attention_backend or _default_backend(kv_cache_dtype)),
             scheduler_config=SchedulerConfig(
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens or max(1024, max_num_seqs),
@@ -115,16 +119,24 @@ class LLM:
         self.scheduler.reset_prefix_cache()  # the KV contents are gone
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        """Restore "weights" and/or "kv_cache" (None: whatever sleeps)."""
+        """Restore "weights" and/or "kv_cache" (None: whatever sleeps). After a level-2
+        sleep the weights hold no values until `reload_weights()`."""
         self.runner.wake_up(tags)
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: later prompts are computed in full."""
         self.scheduler.reset_prefix_cache()
 
-    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict[str, Any] | None = None) -> list:
+    def collective_rpc(self, method: str, args: tuple | list = (),
+                       kwargs: dict[str, Any] | None = None) -> list:
         """Call a lifecycle method on every worker; one result per worker (one here)."""
         if method not in RPC_METHODS:
             raise ValueError(f"collective_rpc: unknown method {method!r}; supported: {', '.join(RPC_METHODS)}")
+        if not isinstance(args, (tuple, list)):
+            raise ValueError(f"collective_rpc: args must be a tuple of positional arguments, got "
+                             f"{type(args).__name__} (write args=(value,) for one argument)")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(f"collective_rpc: kwargs must be a dict, got {type(kwargs).__name__}")
         return [getattr(self, method)(*args, **(kwargs or {}))]
 
     # -- generation ----------------------------------------------------------------------
@@ -286,3 +298,21 @@ def _first_stop(text: str, stops: Iterable[str]) -> str | None:
     """The stop string occurring earliest in `text`, if any."""
     found = [(text.find(s), s) for s in stops if s in text]
     return min(found)[1] if found else None
+
+
+def _on_gpu() -> bool:
+    return jax.devices()[0].platform == "gpu"
+
+
+def _default_backend(kv_cache_dtype: str) -> str:
+    """Pallas's decode kernel on GPUs (it takes no float8 pages), the jnp reference elsewhere."""
+    return "pallas" if _on_gpu() and not kv_cache_dtype.startswith("fp8") else "reference"
+
+
+def _resolve_dtype(model: str, dtype: str) -> str:
+    """`auto` serves the checkpoint's dtype, except float32 on a GPU, served as bfloat16
+    (half the bytes per decode step; what vLLM does with float32 checkpoints too)."""
+    if dtype != "auto" or not _on_gpu():
+        return dtype
+    hf = ModelConfig.from_pretrained(model)
+    return "bfloat16" if hf.dtype == "float32" else dtype

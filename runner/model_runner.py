@@ -29,10 +29,10 @@ from state.params import Params, param_bytes
 from state.runner_state import RunnerState
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv_cache",))
-def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch,
-                 cfg: ModelConfig) -> tuple[jax.Array, tuple[KVCache, ...]]:
-    return forward(params, kv_cache, batch, cfg)
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv_cache",))
+def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
+                 backend: str) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    return forward(params, kv_cache, batch, cfg, backend)
 
 
 @functools.partial(jax.jit, static_argnames=("flags",))
@@ -124,7 +124,8 @@ class ModelRunner:
         cfg = state.config.model_config
         batch, sizes = prepare_batch(out, state.config.cache_config.block_size)
         meta, flags = prepare_sampling(out, sizes.num_seqs, cfg.vocab_size)
-        hidden, kv_cache = forward_step(state.params, state.kv_cache, batch, cfg.for_compile())
+        hidden, kv_cache = forward_step(state.params, state.kv_cache, batch, cfg.for_compile(),
+                                        state.config.cache_config.attention_backend)
         # The old cache buffers were donated: the record must point at the new ones now.
         self._state = state = replace(state, kv_cache=kv_cache)
         sampled = sample_step(state.params, hidden, batch.logits_indices, meta, flags)

@@ -22,16 +22,25 @@ MIN_TOKEN_BUCKET = 8
 @dataclass(frozen=True)
 class BucketSizes:
     num_tokens: int  # T
-    num_key_blocks: int  # N
+    num_key_blocks: int  # N (general batches) or Nb (decode batches)
     num_seqs: int  # B
 
 
 def prepare_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketSizes]:
     """The model input of one step, as numpy arrays padded to their buckets."""
+    if all(s.num_tokens == 1 for s in out.scheduled):
+        return _decode_batch(out, block_size)
+    return _general_batch(out, block_size)
+
+
+def _slots(blocks: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    return blocks[positions // block_size] * block_size + positions % block_size
+
+
+def _general_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketSizes]:
     sched = out.scheduled
     T = bucket(out.num_tokens, MIN_TOKEN_BUCKET)
-    num_key_blocks = sum(-(-s.end // block_size) for s in sched)
-    N = bucket(num_key_blocks)
+    N = bucket(sum(-(-s.end // block_size) for s in sched))
     B = bucket(len(sched))
 
     token_ids = np.zeros(T, np.int32)
@@ -45,12 +54,11 @@ def prepare_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketS
 
     t = n = 0
     for i, s in enumerate(sched):
-        tokens = s.request.all_token_ids
         pos = np.arange(s.start, s.end, dtype=np.int32)
         blocks = np.asarray(s.request.block_ids, np.int32)
-        token_ids[t:t + s.num_tokens] = tokens[s.start:s.end]
+        token_ids[t:t + s.num_tokens] = s.request.all_token_ids[s.start:s.end]
         positions[t:t + s.num_tokens] = pos
-        slot_mapping[t:t + s.num_tokens] = blocks[pos // block_size] * block_size + pos % block_size
+        slot_mapping[t:t + s.num_tokens] = _slots(blocks, pos, block_size)
         token_seq[t:t + s.num_tokens] = i
         nb = -(-s.end // block_size)
         key_block_ids[n:n + nb] = blocks[:nb]
@@ -59,9 +67,32 @@ def prepare_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketS
         logits_indices[i] = t + s.num_tokens - 1
         t += s.num_tokens
         n += nb
-    batch = Batch(token_ids, positions, slot_mapping, token_seq, key_block_ids, key_block_seq,
-                  key_block_pos, logits_indices)
+    batch = Batch(token_ids, positions, slot_mapping, logits_indices, token_seq=token_seq,
+                  key_block_ids=key_block_ids, key_block_seq=key_block_seq,
+                  key_block_pos=key_block_pos)
     return batch, BucketSizes(T, N, B)
+
+
+def _decode_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketSizes]:
+    """One new token per sequence: token i belongs to sequence i, T = B."""
+    sched = out.scheduled
+    B = bucket(len(sched))
+    Nb = bucket(max(-(-s.end // block_size) for s in sched))
+    token_ids = np.zeros(B, np.int32)
+    positions = np.zeros(B, np.int32)
+    slot_mapping = np.full(B, -1, np.int32)
+    block_tables = np.zeros((B, Nb), np.int32)
+    seq_lens = np.zeros(B, np.int32)
+    for i, s in enumerate(sched):
+        blocks = s.request.block_ids[:-(-s.end // block_size)]
+        token_ids[i] = s.request.all_token_ids[s.start]
+        positions[i] = s.start
+        slot_mapping[i] = blocks[s.start // block_size] * block_size + s.start % block_size
+        block_tables[i, :len(blocks)] = blocks
+        seq_lens[i] = s.end
+    batch = Batch(token_ids, positions, slot_mapping, np.arange(B, dtype=np.int32),
+                  block_tables=block_tables, seq_lens=seq_lens)
+    return batch, BucketSizes(B, Nb, B)
 
 
 def _pad_rows(rows: list[list[int]], fill: int, dtype: type) -> np.ndarray:

@@ -1,15 +1,20 @@
 """The device-side input of one step, and the shape buckets it is padded to.
 
-A `Batch` is a pytree of int32 arrays only; its shapes are the compile key. Three sizes
-vary, each padded up to a power of two so the number of compilations is small and fixed:
+A `Batch` is a pytree of int32 arrays only; its shapes and which optional fields are set
+are the compile key. Sizes are padded up to powers of two so the number of compilations is
+small and fixed:
 
     T   tokens scheduled this step          (token_ids, positions, slot_mapping, token_seq)
-    B   sequences scheduled this step       (logits_indices)
+    B   sequences scheduled this step       (logits_indices, block_tables, seq_lens)
     N   KV blocks the step's attention reads (key_block_*)
+    Nb  blocks per sequence of a decode step (block_tables)
 
-Attention metadata is flat: every sequence's context blocks are listed once in
-`key_block_ids` with the sequence they belong to and the position of their first slot, so
-one masked attention serves any mix of prefills, prefill chunks and decodes.
+Two kinds of batch, told apart by which fields are set:
+  * general (any mix of prefills, chunks, decodes): every sequence's context blocks are
+    listed once in `key_block_ids`, with the sequence owning each and the position of its
+    first slot, so one masked attention serves all of them;
+  * decode (one new token per sequence, T = B): `block_tables` and `seq_lens`, the shape
+    paged-attention kernels take, with no cross-sequence masking work at all.
 """
 
 from __future__ import annotations
@@ -26,11 +31,19 @@ class Batch:
     token_ids: Any  # [T] int32, pad 0
     positions: Any  # [T] int32, pad 0
     slot_mapping: Any  # [T] int32 cache slot to write, -1: write nothing
-    token_seq: Any  # [T] int32 index of the token's sequence in this batch, pad -1
-    key_block_ids: Any  # [N] int32 KV blocks attention reads, pad 0
-    key_block_seq: Any  # [N] int32 sequence owning each block, pad -2 (matches no token)
-    key_block_pos: Any  # [N] int32 position of each block's first slot
     logits_indices: Any  # [B] int32 token whose hidden state predicts the next token
+    # general batches
+    token_seq: Any = None  # [T] int32 index of the token's sequence in this batch, pad -1
+    key_block_ids: Any = None  # [N] int32 KV blocks attention reads, pad 0
+    key_block_seq: Any = None  # [N] int32 sequence owning each block, pad -2 (matches no token)
+    key_block_pos: Any = None  # [N] int32 position of each block's first slot
+    # decode batches
+    block_tables: Any = None  # [B, Nb] int32 blocks of each sequence, pad 0
+    seq_lens: Any = None  # [B] int32 context length including the new token, pad 0
+
+    @property
+    def is_decode(self) -> bool:
+        return self.block_tables is not None
 
 
 def bucket(n: int, minimum: int = 1) -> int:

@@ -58,6 +58,7 @@ def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
+ATTENTION_BACKENDS = ("reference", "pallas")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
 
 
@@ -290,6 +291,8 @@ class CacheConfig:
     memory_budget_bytes: int | None = _f(Effect.REALLOCATE, None, "KV budget when num_blocks is None")
     kv_cache_dtype: str = _f(Effect.REALLOCATE, "auto", "auto (= model dtype) | float32 | bfloat16 | fp8")
     enable_prefix_caching: bool = _f(Effect.REALLOCATE, True, "share full blocks between requests")
+    attention_backend: str = _f(Effect.REALLOCATE, "reference",
+                                "reference (jnp, any device) | pallas (GPU decode kernel); sets the KV layout")
 
     def __post_init__(self) -> None:
         _check_positive_int("CacheConfig", "block_size", self.block_size)
@@ -299,6 +302,10 @@ class CacheConfig:
                  f"unknown {self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
         _require(isinstance(self.enable_prefix_caching, bool), "CacheConfig", "enable_prefix_caching",
                  f"expected a bool, got {self.enable_prefix_caching!r}")
+        _require(self.attention_backend in ATTENTION_BACKENDS, "CacheConfig", "attention_backend",
+                 f"unknown {self.attention_backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
+        _require(not (self.attention_backend == "pallas" and self.is_fp8), "CacheConfig",
+                 "attention_backend", "the pallas backend takes no fp8 KV cache; use 'reference'")
 
     @property
     def is_fp8(self) -> bool:

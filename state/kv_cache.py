@@ -1,8 +1,8 @@
 """The paged KV cache: one `KVCache` record per layer, addressed through block tables.
 
-Layout per layer: `k, v: [K, P, S, Dh]` (KV heads, blocks, slots per block, head dim), the
-page layout of JAX's Pallas GPU paged-attention kernel, so the decode backend reads the
-cache as it is. The token at position `pos` of a sequence lives at
+Layout per layer: `k, v: [P, S, K, Dh]` (blocks, slots per block, KV heads, head dim) for
+the reference backend; the Pallas GPU backend keeps JAX's kernel layout `[K, P, S, Dh]`
+(see `models.attention_backends`). The token at position `pos` of a sequence lives at
 `slot = block_table[pos // S] * S + pos % S`. A tuple of per-layer arrays (not one stacked
 array) lets the donated cache be updated in place layer by layer.
 """
@@ -21,14 +21,15 @@ from state.config import RunnerConfig
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    k: Any  # [K, P, S, Dh]
-    v: Any  # [K, P, S, Dh]
+    k: Any  # [P, S, K, Dh] (reference) or [K, P, S, Dh] (pallas)
+    v: Any
 
 
 def kv_cache_specs(config: RunnerConfig, num_blocks: int) -> tuple[KVCache, ...]:
     """Abstract per-layer cache arrays for `num_blocks` blocks."""
-    m = config.model_config
-    shape = (m.num_key_value_heads, num_blocks, config.cache_config.block_size, m.head_dim)
+    m, cache = config.model_config, config.cache_config
+    K, S, Dh = m.num_key_value_heads, cache.block_size, m.head_dim
+    shape = (K, num_blocks, S, Dh) if cache.attention_backend == "pallas" else (num_blocks, S, K, Dh)
     leaf = jax.ShapeDtypeStruct(shape, jnp.dtype(config.kv_cache_dtype))
     return tuple(KVCache(k=leaf, v=leaf) for _ in range(m.num_hidden_layers))
 

@@ -30,7 +30,8 @@ def _our_logits(llm: LLM, tokens: list[int], start: int) -> np.ndarray:
     assert [(s.start, s.num_tokens) for s in out.scheduled] == [(start, len(tokens) - start)]
     batch, _ = prepare_batch(out, llm.config.cache_config.block_size)
     state = llm.runner.state
-    hidden, kv = forward_step(state.params, state.kv_cache, batch, state.config.model_config.for_compile())
+    hidden, kv = forward_step(state.params, state.kv_cache, batch, state.config.model_config.for_compile(),
+                             state.config.cache_config.attention_backend)
     llm.runner._state = type(state)(**{**state.__dict__, "kv_cache": kv})
     for s in out.scheduled:
         s.request.num_computed_tokens = s.end
