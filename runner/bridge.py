@@ -1,26 +1,102 @@
 """Training-to-serving bridge: hand a parameter tree to a runner, or write it to disk.
 
 `LLM.from_params(model_config, params)` and `llm.reload_weights(params=...)` serve a tree
-held in memory. This module adds the explicit conversions around them: casting a tree to
-the serving dtype, and exporting a tree as a Hugging Face folder (config.json,
-model.safetensors, tokenizer.json) that transformers loads as it is.
+held in memory. This module adds the explicit conversions around them:
+    params_from_flax  a Flax training model's parameters -> the runner's tree, through a
+                      name table (`FLAX_NAME_MAP` for `models.flax_llama`, or the user's own)
+    cast_params       the tree in another dtype, explicitly
+    save_pretrained   the tree as a Hugging Face folder transformers loads as it is
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from models.checkpoint import checkpoint_name
-from runner.loader import validate_params
+from models.checkpoint import OPTIONAL_LEAF_SUFFIXES, checkpoint_name
+from runner.loader import CheckpointError, validate_params
 from runner.tokenizer import Tokenizer
 from state.config import ModelConfig
-from state.params import Params, leaf_paths
+from state.params import Params, abstract_params, leaf_paths, path_str
+
+# Flax parameter path (as `nnx.state(model, nnx.Param)` flattens it) -> runner leaf path.
+# Flax kernels are already [in, out], the runner's layout: no transposes.
+FLAX_NAME_MAP: dict[str, str] = {
+    r"embed_tokens\.embedding": "embed",
+    r"norm\.scale": "final_norm",
+    r"lm_head\.kernel": "lm_head",
+    r"layers\.(\d+)\.input_layernorm\.scale": "layers.{}.attn_norm",
+    r"layers\.(\d+)\.self_attn\.q_proj\.kernel": "layers.{}.wq",
+    r"layers\.(\d+)\.self_attn\.k_proj\.kernel": "layers.{}.wk",
+    r"layers\.(\d+)\.self_attn\.v_proj\.kernel": "layers.{}.wv",
+    r"layers\.(\d+)\.self_attn\.o_proj\.kernel": "layers.{}.wo",
+    r"layers\.(\d+)\.self_attn\.q_norm\.scale": "layers.{}.q_norm",
+    r"layers\.(\d+)\.self_attn\.k_norm\.scale": "layers.{}.k_norm",
+    r"layers\.(\d+)\.post_attention_layernorm\.scale": "layers.{}.mlp_norm",
+    r"layers\.(\d+)\.mlp\.gate_proj\.kernel": "layers.{}.w_gate",
+    r"layers\.(\d+)\.mlp\.up_proj\.kernel": "layers.{}.w_up",
+    r"layers\.(\d+)\.mlp\.down_proj\.kernel": "layers.{}.w_down",
+}
+
+
+def flax_named_params(model: Any) -> list[tuple[str, jax.Array]]:
+    """(dotted path, array) of every `nnx.Param` of a Flax NNX model (or of its state)."""
+    from flax import nnx
+
+    state = model if isinstance(model, nnx.State) else nnx.state(model, nnx.Param)
+    named = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        # Flax appends `.value` to each variable's path: drop it.
+        parts = [p for p in path_str(path).split(".") if p != "value"]
+        named.append((".".join(parts), leaf))
+    return named
+
+
+def params_from_named(named: Iterable[tuple[str, Any]], model_config: ModelConfig,
+                      name_map: Mapping[str, str]) -> Params:
+    """A runner tree from (name, array) pairs through `name_map` (regex -> leaf template).
+
+    Every leaf must be named exactly once, except FP8 KV scales (1.0 when absent); arrays
+    keep their dtype and placement and are validated, never converted silently.
+    """
+    table = [(re.compile(pattern + r"\Z"), leaf) for pattern, leaf in name_map.items()]
+    leaves: dict[str, Any] = {}
+    for name, array in named:
+        for pattern, template in table:
+            m = pattern.match(name)
+            if m is not None:
+                leaf = template.format(*m.groups())
+                break
+        else:
+            raise CheckpointError(f"parameter {name!r} matches no entry of the name map")
+        if leaf in leaves:
+            raise CheckpointError(f"two parameters map to leaf {leaf!r} (the second is {name!r})")
+        leaves[leaf] = array
+    abstract = abstract_params(model_config)
+    paths = leaf_paths(abstract)
+    missing = [p for p in paths if p not in leaves and not p.endswith(OPTIONAL_LEAF_SUFFIXES)]
+    unknown = sorted(set(leaves) - set(paths))
+    if missing or unknown:
+        raise CheckpointError(f"parameters do not fit the model: missing leaves {missing[:8]}, "
+                              f"leaves it does not have {unknown[:8]}")
+    ones = jnp.ones((), jnp.float32)
+    params = jax.tree.unflatten(jax.tree.structure(abstract), [leaves.get(p, ones) for p in paths])
+    validate_params(params, model_config)
+    return params
+
+
+def params_from_flax(model: Any, model_config: ModelConfig,
+                     name_map: Mapping[str, str] = FLAX_NAME_MAP) -> Params:
+    """The runner's tree holding a Flax model's parameters (no copy, no disk)."""
+    return params_from_named(flax_named_params(model), model_config, name_map)
 
 
 def cast_params(params: Params, dtype: str) -> Params:

@@ -1,23 +1,22 @@
-"""The built-in demo model: what `LLM()` and `python -m runner generate` serve with no model.
+"""The built-in model: what `LLM()` and `python -m runner generate` serve with no model.
 
-A tiny Qwen3-architecture model with seeded random weights and a byte-level tokenizer, so
-any text round-trips and a new user sees the whole path run at once (the text it writes
-is noise: the weights are untrained).
+A small Qwen3-architecture model trained on Python's standard library and its pydoc
+topics (`python -m models.builtin.train`, see `models/builtin/TRAINING.md`), shipped in
+Hugging Face layout inside the package.
 """
 
 from __future__ import annotations
 
-from runner.tokenizer import Tokenizer
-from state.config import ModelConfig
+from pathlib import Path
+
+import models.builtin
+
+BUILTIN_FOLDER = Path(models.builtin.__file__).parent
 
 
-def model_config() -> ModelConfig:
-    return ModelConfig(
-        architecture="Qwen3ForCausalLM", vocab_size=256, hidden_size=128, intermediate_size=384,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        tie_word_embeddings=True, dtype="float32", max_position_embeddings=512,
-        initializer_range=0.5)
-
-
-def tokenizer() -> Tokenizer:
-    return Tokenizer.byte_level()
+def builtin_folder() -> str:
+    """The folder holding the built-in model's config.json, weights and tokenizer.json."""
+    if not (BUILTIN_FOLDER / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the built-in model is missing from {BUILTIN_FOLDER}; "
+                                "recreate it with `python -m models.builtin.train`")
+    return str(BUILTIN_FOLDER)

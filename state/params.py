@@ -121,6 +121,8 @@ def path_str(path: tuple) -> str:
             parts.append(key.name)
         elif isinstance(key, jax.tree_util.SequenceKey):
             parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
         else:
             parts.append(str(key))
     return ".".join(parts)
