@@ -1,0 +1,108 @@
+"""Training-to-serving bridge: a Flax-trained tree served from memory, orbax, an HF export
+and transformers, all with the same greedy tokens."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from models.builtin.train import loss_fn
+from models.flax_llama import CausalLM
+from runner import LLM, SamplingParams
+from runner.bridge import FLAX_NAME_MAP, cast_params, params_from_flax, params_from_named, save_pretrained
+from runner.loader import CheckpointError
+from runner.orbax_io import save_params
+from state import ModelConfig
+
+CFG = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=67, hidden_size=40, intermediate_size=72,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                  tie_word_embeddings=True, max_position_embeddings=128, initializer_range=0.2)
+PROMPTS = [[3, 14, 15, 9, 2, 6], [5, 3, 5]]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _trained(cfg: ModelConfig) -> CausalLM:
+    """A few optimiser steps on a repeating sequence, so the weights are no longer the init."""
+    model = CausalLM(cfg, nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        grads = nnx.grad(loss_fn)(model, batch)
+        optimizer.update(model, grads)
+
+    data = np.tile(np.arange(1, 17, dtype=np.int32), (4, 3))
+    for _ in range(5):
+        step(model, optimizer, data)
+    return model
+
+
+def _tokens(llm: LLM) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_memory_orbax_hf_export_and_transformers_agree(tmp_path, tied):
+    import dataclasses
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    model = _trained(cfg)
+    params = params_from_flax(model, cfg)
+    from_memory = _tokens(LLM.from_params(cfg, params, max_model_len=64, num_kv_blocks=32))
+
+    save_params(tmp_path / "orbax", params, cfg)
+    from_orbax = _tokens(LLM(str(tmp_path / "orbax"), load_format="orbax", max_model_len=64, num_kv_blocks=32))
+
+    folder = save_pretrained(tmp_path / "hf", params, cfg)
+    from_export = _tokens(LLM(str(folder), max_model_len=64, num_kv_blocks=32))
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf.generation_config.eos_token_id = None
+    reference = []
+    for p in PROMPTS:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, pad_token_id=0)
+        reference.append(out[0, len(p):].tolist())
+        # The exported weights give transformers the Flax model's own logits.
+        with torch.no_grad():
+            ref_logits = hf(torch.tensor([p])).logits[0].numpy()
+        np.testing.assert_allclose(ref_logits, np.asarray(model(np.array([p])))[0], atol=1e-4)
+    assert from_memory == from_orbax == from_export == reference
+
+
+def test_reload_params_from_training_serves_the_update(tmp_path):
+    model = CausalLM(CFG, nnx.Rngs(0))
+    llm = LLM.from_params(CFG, params_from_flax(model, CFG), max_model_len=64, num_kv_blocks=32)
+    before = _tokens(llm)
+    trained = _trained(CFG)
+    llm.reload_weights(params=params_from_flax(trained, CFG))
+    after = _tokens(llm)
+    fresh = _tokens(LLM.from_params(CFG, params_from_flax(trained, CFG), max_model_len=64, num_kv_blocks=32))
+    assert after == fresh and after != before
+
+
+def test_name_map_errors_are_explicit():
+    model = CausalLM(CFG, nnx.Rngs(0))
+    named = dict(params_from_named.__globals__["flax_named_params"](model))
+    named.pop("layers.1.mlp.up_proj.kernel")
+    with pytest.raises(CheckpointError, match=r"missing leaves \['layers\.1\.w_up'\]"):
+        params_from_named(named.items(), CFG, FLAX_NAME_MAP)
+    with pytest.raises(CheckpointError, match=r"parameter 'decoder\.kernel' matches no entry"):
+        params_from_named([("decoder.kernel", np.zeros(3))], CFG, FLAX_NAME_MAP)
+
+
+def test_dtype_conversion_is_explicit():
+    params = params_from_flax(CausalLM(CFG, nnx.Rngs(0)), CFG)
+    half = cast_params(params, "bfloat16")
+    assert half.embed.dtype == jax.numpy.bfloat16 and half.layers[0].k_scale.dtype == jax.numpy.float32
+    with pytest.raises(CheckpointError, match=r"leaf 'embed' has dtype bfloat16; expected float32"):
+        LLM.from_params(CFG, half, max_model_len=64, num_kv_blocks=32)
+    import dataclasses
+    served = LLM.from_params(dataclasses.replace(CFG, dtype="bfloat16"), half, max_model_len=64,
+                             num_kv_blocks=32)
+    assert served.runner.params.embed.dtype == jax.numpy.bfloat16
