@@ -15,35 +15,82 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from models.llama import compute_logits, forward
-from runner import lifecycle
+from runner import distributed, lifecycle, sharding
 from runner.loader import load_params, validate_params
 from runner.prepare import BucketSizes, prepare_batch, prepare_sampling
 from runner.sampler import SamplerFlags, SamplingMetadata, prompt_logprobs, sample
 from runner.scheduler import SchedulerOutput
 from state.batch import Batch
 from state.config import ModelConfig, RunnerConfig
-from state.kv_cache import KVCache, allocate_kv_cache, resolve_num_blocks
-from state.params import Params, param_bytes
+from state.kv_cache import KVCache, allocate_kv_cache, bytes_per_block, kv_cache_specs, resolve_num_blocks
+from state.params import Params
 from state.runner_state import RunnerState
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv_cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "backend", "kv_shardings"),
+                   donate_argnames=("kv_cache",))
+def _forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
+                  backend: str, kv_shardings: Any) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    hidden, kv_cache = forward(params, kv_cache, batch, cfg, backend)
+    if kv_shardings is not None:
+        # The updated cache keeps the input's sharding: the next step then finds the same
+        # signature (no recompilation) and the donated buffers can be reused in place.
+        kv_cache = jax.lax.with_sharding_constraint(
+            kv_cache, tuple(KVCache(k=k, v=v) for k, v in kv_shardings))
+    return hidden, kv_cache
+
+
+@functools.partial(jax.jit, static_argnames=("flags", "out_sharding"))
+def _sample_step(params: Params, hidden: jax.Array, logits_indices: jax.Array,
+                 meta: SamplingMetadata, flags: SamplerFlags, out_sharding: Any):
+    return _constrain(sample(compute_logits(params, hidden[logits_indices]), meta, flags), out_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("out_sharding",))
+def _prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, out_sharding: Any):
+    return _constrain(prompt_logprobs(compute_logits(params, hidden), next_ids), out_sharding)
+
+
 def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
                  backend: str) -> tuple[jax.Array, tuple[KVCache, ...]]:
-    return forward(params, kv_cache, batch, cfg, backend)
+    """One forward over the paged cache; `kv_cache` is donated and comes back on the
+    shardings it went in with."""
+    return _forward_step(params, kv_cache, batch, cfg=cfg, backend=backend,
+                         kv_shardings=_named_shardings(kv_cache))
 
 
-@functools.partial(jax.jit, static_argnames=("flags",))
 def sample_step(params: Params, hidden: jax.Array, logits_indices: jax.Array,
                 meta: SamplingMetadata, flags: SamplerFlags):
-    return sample(compute_logits(params, hidden[logits_indices]), meta, flags)
+    """Sampled tokens and log-probabilities, replicated on every device of the weights'
+    mesh, so that every process can read them back (`jax.device_get`)."""
+    return _sample_step(params, hidden, logits_indices, meta, flags=flags,
+                        out_sharding=_replicated_like(params))
 
 
-@jax.jit
 def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array):
-    return prompt_logprobs(compute_logits(params, hidden), next_ids)
+    """Prompt log-probabilities of every scheduled token, replicated like `sample_step`'s."""
+    return _prompt_logprobs_step(params, hidden, next_ids, out_sharding=_replicated_like(params))
+
+
+def _constrain(tree: Any, placement: NamedSharding | None) -> Any:
+    return tree if placement is None else jax.lax.with_sharding_constraint(tree, placement)
+
+
+def _named_shardings(kv_cache: tuple[KVCache, ...]) -> tuple[tuple[Any, Any], ...] | None:
+    """The cache's per-layer (k, v) shardings, when it is placed on a mesh (a static,
+    hashable argument); None for arrays JAX placed itself."""
+    first = kv_cache[0].k.sharding if kv_cache else None
+    if not isinstance(first, NamedSharding):
+        return None
+    return tuple((c.k.sharding, c.v.sharding) for c in kv_cache)
+
+
+def _replicated_like(params: Params) -> NamedSharding | None:
+    placed = params.embed.sharding
+    return sharding.replicated(placed.mesh) if isinstance(placed, NamedSharding) else None
 
 
 @dataclass
@@ -54,29 +101,51 @@ class SequenceResult:
     prompt_logprobs: list[dict[int, float] | None] | None  # this chunk's prompt positions
 
 
-def free_device_bytes() -> int | None:
-    """Free memory of the first device, when its backend reports it (GPUs do, CPUs do not)."""
-    stats = jax.devices()[0].memory_stats() or {}
+def free_device_bytes(device: jax.Device | None = None) -> int | None:
+    """Free memory of `device` (default: this process's first), when its backend reports it
+    (GPUs do, CPUs do not)."""
+    stats = (device or jax.local_devices()[0]).memory_stats() or {}
     if "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def _free_kv_bytes(config: RunnerConfig, mesh: Mesh) -> int | None:
+    """KV bytes the devices can hold, counted as whole blocks (all KV heads): one device's
+    free memory (measured after the weights were placed, so already without them), times
+    the number of devices each block is split over."""
+    free = free_device_bytes(next(d for d in mesh.devices.flat if d.process_index == jax.process_index()))
+    if free is None:
+        return None
+    kv = kv_cache_specs(config, 1)
+    per_device = sharding.per_device_bytes(jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), kv,
+        sharding.kv_cache_shardings(config, mesh, 1)))
+    return free * bytes_per_block(config) // per_device
 
 
 class ModelRunner:
     """The shell around one `RunnerState`: lifecycle operations swap it, steps read it."""
 
     def __init__(self, config: RunnerConfig, params: Params | None = None) -> None:
+        """Build the device mesh of `config.parallel_config`, place the weights on their
+        shardings (loading them straight there, or copying a caller's tree there, so the
+        caller keeps its own arrays) and allocate the KV cache on its shardings."""
+        mesh = sharding.make_mesh(config.parallel_config)
+        param_shardings = sharding.param_shardings(config.model_config, mesh)
         if params is None:
-            params = load_params(config)
+            params = load_params(config, param_shardings)
         else:
             validate_params(params, config.model_config, check_finite=config.load_config.check_finite)
-        free = free_device_bytes()
-        num_blocks = resolve_num_blocks(config, None if free is None else free - param_bytes(params))
-        kv_cache = allocate_kv_cache(config, num_blocks)
+            params = jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), params, param_shardings)
+        num_blocks = resolve_num_blocks(config, _free_kv_bytes(config, mesh))
+        # Every process must allocate the same cache (they run one program): the smallest.
+        num_blocks = min(distributed.allgather_objects(num_blocks))
+        kv_shardings = sharding.kv_cache_shardings(config, mesh, num_blocks)
+        kv_cache = allocate_kv_cache(config, num_blocks, kv_shardings)
         self._state = RunnerState(
             config=config, params=params, kv_cache=kv_cache, num_blocks=num_blocks,
-            param_shardings=jax.tree.map(lambda x: x.sharding, params),
-            kv_shardings=jax.tree.map(lambda x: x.sharding, kv_cache))
+            param_shardings=param_shardings, kv_shardings=kv_shardings)
 
     # -- the record --------------------------------------------------------------------
 
@@ -95,6 +164,11 @@ class ModelRunner:
     @property
     def num_blocks(self) -> int:
         return self._state.num_blocks
+
+    @property
+    def mesh(self) -> Mesh:
+        """The device mesh the weights and the KV cache are laid out on."""
+        return self._state.param_shardings.embed.mesh
 
     # -- lifecycle: each builds a complete new record, then swaps -----------------------
 

@@ -30,6 +30,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "original_max_position_embeddings": 32})),
     "llama_tied_mha": ("llama", dict(tie_word_embeddings=True, num_attention_heads=4,
                                      num_key_value_heads=4, head_dim=10)),
+    # Eight query heads and a vocabulary divisible by 8: tensor-parallel sizes up to 8 split
+    # heads, MLP and vocabulary.
+    "llama_heads8": ("llama", dict(tie_word_embeddings=False, vocab_size=128, num_attention_heads=8,
+                                   num_key_value_heads=8, head_dim=6)),
+    "qwen3_heads8_gqa2": ("qwen3", dict(tie_word_embeddings=True, vocab_size=128, num_attention_heads=8,
+                                        num_key_value_heads=4, head_dim=8)),
 }
 
 
