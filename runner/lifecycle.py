@@ -3,16 +3,19 @@
     update_config  new config record; refuses changes a running runner cannot apply
     reload_weights new parameter tree, validated in full before it replaces the old one
     sleep          level 1: weights to host memory, KV freed; level 2: both freed
-    wake_up        restore "weights" and/or "kv_cache" on their original shardings
+    wake_up        restore "weights" and/or "kv_cache" on their original shardings (after
+                   level 2 the weights come back empty: reload_weights fills them)
 
-New weights always have the shapes, dtypes and shardings of the old ones, so every
-compiled program stays valid: nothing recompiles after a reload or a wake-up.
+New weights always have the shapes, dtypes and shardings of the old ones, and are placed
+exactly as the arrays they replace (committed to their sharding or not, which a jitted
+function's signature also records), so every compiled program stays valid: nothing
+recompiles after a reload or a wake-up.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runner.loader import CheckpointError, load_params, params_from_checkpoint, validate_params
+from runner.loader import (CheckpointError, Uncommitted, load_params, params_from_checkpoint,
+                           placements, put, validate_params)
 from state.config import Effect, ModelConfig, RunnerConfig, update_config as merge_config
-from state.kv_cache import allocate_kv_cache
+from state.kv_cache import kv_cache_specs
 from state.params import Params, abstract_params, leaf_paths, replace_leaf
 from state.runner_state import RunnerState
 
@@ -56,8 +60,8 @@ def update_config(state: RunnerState, overrides: dict[str, Any]) -> RunnerState:
     return dataclasses.replace(state, config=new)
 
 
-def reload_weights(state: RunnerState, *, weights_path: str | None = None,
-                   weights_iterator: Iterable[tuple[str, Any]] | None = None,
+def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None,
+                   weights_iterator: Iterable[tuple[str, Any]] | Mapping[str, Any] | None = None,
                    params: Params | None = None, is_checkpoint_format: bool = True) -> RunnerState:
     """A record serving new weights; the old record is untouched if anything fails.
 
@@ -65,29 +69,37 @@ def reload_weights(state: RunnerState, *, weights_path: str | None = None,
     orbax folder, which becomes `model_config.model`), `weights_iterator` (name, array)
     pairs (checkpoint names when `is_checkpoint_format`, else leaf paths such as
     `layers.0.wq`; a subset updates only those tensors), or `params` (a whole tree in the
-    runner's layout).
+    runner's layout). Arrays handed over are copied: the caller keeps its own.
+
+    Raises:
+        ValueError: more than one source, or nothing to load from (dummy format).
+        CheckpointError: a missing, unexpected, duplicate, misshapen, wrongly typed or
+            non-finite tensor; a folder that is not there or holds another model.
+        RuntimeError: the weights are asleep.
     """
     given = [name for name, v in (("weights_path", weights_path), ("weights_iterator", weights_iterator),
                                   ("params", params)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"reload_weights takes at most one weight source, got {', '.join(given)}")
-    if state.params is None:
+    if "weights" in state.sleeping:
         raise RuntimeError("the weights are asleep: call wake_up(['weights']) before reload_weights()")
     config = state.config
     cfg = config.model_config
     check_finite = config.load_config.check_finite
-    # After a level-2 wake-up the current buffers hold no values: a partial update cannot
-    # borrow the other leaves from them.
+    target = _param_placements(state)
+    # After a level-2 wake-up there are no values: a partial update has nothing to borrow
+    # the other leaves from.
     base = None if state.weights_stale else state.params
     if params is not None:
         validate_params(params, cfg, check_finite=check_finite)
-        new_params = _copy_to(params, state.param_shardings)
+        new_params = jax.tree.map(_copy_leaf, params, target)
     elif weights_iterator is not None:
+        pairs = _pairs(weights_iterator)
         if is_checkpoint_format:
-            new_params = params_from_checkpoint(weights_iterator, cfg, base=base, check_finite=check_finite,
-                                                shardings=state.param_shardings)
+            new_params = params_from_checkpoint(pairs, cfg, base=base, check_finite=check_finite,
+                                                shardings=target)
         else:
-            new_params = _params_from_leaves(weights_iterator, cfg, base, state.param_shardings, check_finite)
+            new_params = _params_from_leaves(pairs, cfg, base, target, check_finite)
     else:
         if weights_path is not None:
             config = _point_at(config, weights_path)
@@ -95,94 +107,181 @@ def reload_weights(state: RunnerState, *, weights_path: str | None = None,
             raise ValueError("cannot reload weights with load_format='dummy': there is no weight file. "
                              "Switch the format first, e.g. update_config({'load_config': "
                              "{'load_format': 'auto'}}), or pass weights_path/weights_iterator/params")
-        new_params = load_params(config, state.param_shardings)
+        if config.model_config.model is not None:
+            _check_same_model(config, Path(config.model_config.model))
+        new_params = load_params(config, target)
     validate_params(new_params, cfg, check_finite=False)
     return dataclasses.replace(state, config=config, params=new_params, host_params=None,
                                weights_stale=False)
 
 
-def _point_at(config: RunnerConfig, weights_path: str) -> RunnerConfig:
-    """The config with `weights_path` as its model folder, refusing another architecture."""
+def _point_at(config: RunnerConfig, weights_path: str | Path) -> RunnerConfig:
+    """The config with `weights_path` as its model folder."""
     folder = Path(weights_path)
     if not folder.is_dir():
-        raise CheckpointError(f"weights_path {weights_path!r} is not a folder")
-    if (folder / "config.json").is_file():
-        other = ModelConfig.from_pretrained(folder, dtype=config.model_config.dtype)
-        if other.for_compile() != config.model_config.for_compile():
-            raise CheckpointError(f"{weights_path!r} holds a different model (its config.json "
-                                  "differs in architecture or shapes); build a new LLM for it")
-    overrides = {"model_config": {"model": str(weights_path)}}
+        raise CheckpointError(f"weights_path {str(weights_path)!r} is not a folder")
+    overrides: dict[str, Any] = {"model_config": {"model": str(weights_path)}}
     if config.load_config.load_format == "dummy":
         overrides["load_config"] = {"load_format": "auto"}  # a path means real weights
     return merge_config(config, overrides)
 
 
+def _check_same_model(config: RunnerConfig, folder: Path) -> None:
+    """Refuse a folder whose config.json describes another model than the runner serves.
+
+    Shapes alone do not tell: two checkpoints can agree in every tensor shape and still
+    differ in RoPE, norm epsilon or tied embeddings, which would be served silently wrong.
+    """
+    if not (folder / "config.json").is_file():
+        return  # e.g. an orbax folder saved without a config: its tree is checked instead
+    ours = config.model_config
+    try:
+        theirs = ModelConfig.from_pretrained(folder, dtype=ours.dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{str(folder)!r}: {e}") from e
+    differ = [f.name for f in dataclasses.fields(ModelConfig)
+              if f.metadata["effect"] in (Effect.RESTART, Effect.RECOMPILE)
+              and getattr(theirs, f.name) != getattr(ours, f.name)]
+    if differ:
+        detail = "; ".join(f"{name}: checkpoint {getattr(theirs, name)!r}, runner {getattr(ours, name)!r}"
+                           for name in differ)
+        raise CheckpointError(f"{str(folder)!r} holds a different model than the runner serves ({detail}); "
+                              "build a new LLM for it (or, for rms_norm_eps/rope_theta/rope_scaling, "
+                              "update_config the runner to match first)")
+
+
+def _pairs(items: Iterable[Any] | Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """The (name, array) pairs of a weights_iterator (a dict is taken as its items)."""
+    if isinstance(items, Mapping):
+        items = items.items()
+    elif isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise CheckpointError(f"weights_iterator must yield (name, array) pairs, got a {type(items).__name__}")
+    for i, item in enumerate(items):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise CheckpointError(f"weights_iterator item {i} is not a (name, array) pair: "
+                                  f"got {type(item).__name__}")
+        yield item[0], item[1]
+
+
 def _params_from_leaves(named: Iterable[tuple[str, Any]], cfg: ModelConfig, base: Params | None,
-                        shardings: Params, check_finite: bool) -> Params:
+                        target: Params, check_finite: bool) -> Params:
     """A tree from (leaf path, array) pairs already in the runner's layout."""
     abstract = abstract_params(cfg)
     specs = dict(zip(leaf_paths(abstract), jax.tree.leaves(abstract)))
-    placement = dict(zip(leaf_paths(abstract), jax.tree.leaves(shardings)))
+    placement = dict(zip(leaf_paths(abstract), jax.tree.leaves(target)))
     tree = base if base is not None else abstract
     seen = set()
     for path, array in named:
         if path not in specs:
-            raise CheckpointError(f"unexpected leaf {path!r}; leaves look like 'embed', 'layers.0.wq'")
+            raise CheckpointError(f"unexpected leaf {path!r} (is_checkpoint_format=False takes the "
+                                  f"runner's leaf paths, such as 'embed', 'layers.0.wq')")
         if path in seen:
             raise CheckpointError(f"leaf {path!r} appears twice")
         seen.add(path)
+        if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+            array = np.asarray(array)
         spec = specs[path]
         if tuple(array.shape) != spec.shape or array.dtype != spec.dtype:
             raise CheckpointError(f"leaf {path!r} is {array.dtype}{list(array.shape)}; "
                                   f"expected {spec.dtype}{list(spec.shape)}")
-        tree = replace_leaf(tree, path, jax.device_put(np.asarray(array), placement[path]))
+        if check_finite and not bool(np.isfinite(array).all() if isinstance(array, np.ndarray)
+                                     else jnp.isfinite(array).all()):
+            raise CheckpointError(f"leaf {path!r} holds NaN or infinite values "
+                                  "(load_config.check_finite=False accepts them)")
+        tree = replace_leaf(tree, path, _copy_leaf(array, placement[path]))
     missing = [p for p in specs if p not in seen] if base is None else []
     if missing:
-        raise CheckpointError(f"weights lack {len(missing)} leaf(s): {', '.join(missing[:8])}")
+        raise CheckpointError(f"weights lack {len(missing)} leaf(s): {', '.join(missing[:8])} "
+                              "(a reload of only some leaves needs weights already loaded)")
     return tree
 
 
-def _copy_to(params: Params, shardings: Params) -> Params:
-    """Our own copy on the runner's shardings: sleep frees these buffers, never a caller's."""
-    return jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), params, shardings)
+def _copy_leaf(array: Any, placement: Any) -> jax.Array:
+    """A private copy of `array` on `placement`: sleep deletes the runner's buffers, so
+    they must never be a caller's."""
+    if isinstance(placement, Uncommitted):
+        if isinstance(array, jax.Array) and (array.committed or array.devices() != {placement.device}):
+            array = np.asarray(array)  # JAX cannot uncommit an array on device
+        with jax.default_device(placement.device):
+            return jax.device_put(array, may_alias=False)
+    return jax.device_put(array, placement, may_alias=False)
+
+
+def _param_placements(state: RunnerState) -> Params:
+    """Where each weight goes: as the live leaves are placed, else as they were before sleep."""
+    if state.params is not None:
+        return placements(state.params)
+    return state.param_placements if state.param_placements is not None else state.param_shardings
+
+
+def _kv_placements(state: RunnerState) -> Any:
+    if state.kv_cache is not None:
+        return placements(state.kv_cache)
+    return state.kv_placements if state.kv_placements is not None else state.kv_shardings
 
 
 def sleep(state: RunnerState, level: int = 1) -> RunnerState:
-    """Release device memory. Level 1 keeps the weights in host memory; level 2 keeps nothing."""
-    if level not in (1, 2):
+    """Release device memory. Level 1 keeps the weights in host memory; level 2 keeps nothing.
+
+    Raises:
+        ValueError: a level other than 1 or 2.
+        RuntimeError: something is asleep already.
+    """
+    if level not in (1, 2) or isinstance(level, bool):
         raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
     if state.sleeping:
         raise RuntimeError(f"the runner is already asleep ({', '.join(state.sleeping)} released); "
                            "call wake_up() first")
-    host = jax.device_get(state.params) if level == 1 and not state.weights_stale else None
+    param_placements, kv_placements = _param_placements(state), _kv_placements(state)
+    # Weights woken from level 2 and not reloaded yet hold nothing worth keeping.
+    keep = level == 1 and state.params is not None
+    host = jax.device_get(state.params) if keep else None
     for leaf in jax.tree.leaves((state.params, state.kv_cache)):
         leaf.delete()
-    return dataclasses.replace(state, params=None, kv_cache=None, host_params=host)
+    return dataclasses.replace(state, params=None, kv_cache=None, host_params=host, weights_stale=False,
+                               param_placements=param_placements, kv_placements=kv_placements)
 
 
-def wake_up(state: RunnerState, tags: list[str] | tuple[str, ...] | None = None) -> RunnerState:
-    """Restore released device memory: "weights", "kv_cache", or both (None)."""
+def wake_up(state: RunnerState, tags: list[str] | tuple[str, ...] | str | None = None) -> RunnerState:
+    """Restore released device memory: "weights", "kv_cache", or both (None).
+
+    Weights from a level-1 sleep come back from host memory. After level 2 there is nothing
+    to bring back: the weights count as awake but hold no values until `reload_weights`,
+    which then loads them straight into place (allocating empty buffers first would only
+    double the peak memory of that reload, since JAX arrays cannot be filled in place).
+
+    Raises:
+        ValueError: an unknown tag.
+        RuntimeError: a tag (or, with None, the whole runner) that is not asleep.
+    """
     if tags is None:
         tags = state.sleeping
         if not tags:
             raise RuntimeError("wake_up() called on a runner that is awake")
+    elif isinstance(tags, str):
+        tags = (tags,)
+    elif not isinstance(tags, (list, tuple)):
+        raise ValueError(f"wake_up tags must be a list of {', '.join(SLEEP_TAGS)}, got {type(tags).__name__}")
     for tag in tags:
         if tag not in SLEEP_TAGS:
             raise ValueError(f"unknown wake_up tag {tag!r}; valid tags: {', '.join(SLEEP_TAGS)}")
         if tag not in state.sleeping:
-            raise RuntimeError(f"wake_up({tag!r}): the {tag} are not asleep")
+            raise RuntimeError(f"wake_up({tag!r}): the {tag.replace('_', ' ')} is not asleep")
     changes: dict[str, Any] = {}
     if "weights" in tags:
         if state.host_params is not None:
-            changes["params"] = jax.device_put(state.host_params, state.param_shardings)
+            changes["params"] = jax.tree.map(put, state.host_params, _param_placements(state))
             changes["host_params"] = None
         else:
-            # Level 2 kept nothing: allocate the buffers, mark them stale until a reload fills them.
-            abstract = abstract_params(state.config.model_config)
-            changes["params"] = jax.tree.map(lambda a, s: jnp.zeros(a.shape, a.dtype, device=s),
-                                             abstract, state.param_shardings)
             changes["weights_stale"] = True
     if "kv_cache" in tags:
-        changes["kv_cache"] = allocate_kv_cache(state.config, state.num_blocks, state.kv_shardings)
+        specs = kv_cache_specs(state.config, state.num_blocks)
+        changes["kv_cache"] = jax.tree.map(_zeros, specs, _kv_placements(state))
     return dataclasses.replace(state, **changes)
 
+
+def _zeros(spec: jax.ShapeDtypeStruct, placement: Any) -> jax.Array:
+    if isinstance(placement, Uncommitted):
+        with jax.default_device(placement.device):
+            return jnp.zeros(spec.shape, spec.dtype)
+    return jnp.zeros(spec.shape, spec.dtype, device=placement)

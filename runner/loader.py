@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from models.checkpoint import OPTIONAL_LEAF_SUFFIXES, leaf_for, to_leaf_layout
+from models.checkpoint import OPTIONAL_LEAF_SUFFIXES, checkpoint_name, leaf_for, to_leaf_layout
 from state.config import ModelConfig, RunnerConfig
 from state.params import Params, abstract_params, leaf_paths, param_specs, path_str
 
@@ -32,6 +33,35 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 class CheckpointError(ValueError):
     """A checkpoint (folder, file or tensor) is missing, malformed or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Uncommitted:
+    """Placement of an array JAX has not committed to its device.
+
+    A runner built without explicit shardings holds such arrays, and a jitted function's
+    signature records whether each argument is committed: an array swapped in must match,
+    or every program compiles again. JAX cannot uncommit an array on device, so a committed
+    array placed here takes a trip through host memory (single-device runners only).
+    """
+
+    device: jax.Device
+
+
+def put(array: Any, placement: Any) -> jax.Array:
+    """`array` on `placement`: a `jax.sharding.Sharding`, an `Uncommitted`, or None (default)."""
+    if isinstance(placement, Uncommitted):
+        if isinstance(array, jax.Array) and (array.committed or array.devices() != {placement.device}):
+            array = np.asarray(array)
+        with jax.default_device(placement.device):
+            return jax.device_put(array)
+    return jax.device_put(array, placement)
+
+
+def placements(tree: Any) -> Any:
+    """Per leaf of a tree of arrays: its sharding if committed, else `Uncommitted(device)`."""
+    return jax.tree.map(lambda x: x.sharding if x.committed else Uncommitted(next(iter(x.devices()))),
+                        tree)
 
 
 def resolve_format(config: RunnerConfig) -> str:
@@ -131,8 +161,13 @@ def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *
         if array.dtype.kind not in "fV" and str(array.dtype) != "bfloat16":
             raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}; expected a floating type")
         expected = spec.shape[::-1] if transpose else spec.shape  # in checkpoint layout
+        if leaf.endswith(OPTIONAL_LEAF_SUFFIXES) and array.size == 1:
+            array = array.reshape(())  # FP8 exporters write KV scales as [] or [1]
         if array.shape != expected:
             raise CheckpointError(f"tensor {name!r} has shape {array.shape}; expected {expected}")
+        if leaf.endswith(OPTIONAL_LEAF_SUFFIXES) and not float(array) > 0:
+            raise CheckpointError(f"tensor {name!r} is {float(array)}; a KV cache scale must be "
+                                  "a positive number (the cache stores values divided by it)")
         array = to_leaf_layout(array, transpose)
         leaves[leaf] = _place(array, spec.dtype, name, check_finite, placed.get(leaf))
     return _assemble(leaves, cfg, base, placed)
@@ -146,10 +181,13 @@ def _placements(cfg: ModelConfig, shardings: Params | None) -> dict[str, Any]:
 
 def _place(array: np.ndarray, dtype: jnp.dtype, name: str, check_finite: bool,
            sharding: Any) -> jax.Array:
-    if check_finite and not np.isfinite(array.astype(np.float32)).all():
+    # isfinite reads the array where it lies (bfloat16 included): no float32 copy.
+    if check_finite and not np.isfinite(array).all():
         raise CheckpointError(f"tensor {name!r} holds NaN or infinite values "
                               "(load_config.check_finite=False accepts them)")
-    return jax.device_put(array.astype(dtype), sharding)
+    # A transposed view goes to the device as it is: the transfer lays it out row-major
+    # faster than a numpy copy would (and a cast, when needed, keeps the view's order).
+    return put(array if array.dtype == dtype else array.astype(dtype), sharding)
 
 
 def _assemble(leaves: dict[str, jax.Array], cfg: ModelConfig, base: Params | None,
@@ -159,11 +197,12 @@ def _assemble(leaves: dict[str, jax.Array], cfg: ModelConfig, base: Params | Non
     if base is None:
         missing = [p for p in paths if p not in leaves and not p.endswith(OPTIONAL_LEAF_SUFFIXES)]
         if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}")
+            names = [f"{p} ({checkpoint_name(p)[0]})" for p in missing]
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {shown} "
+                                  "(a reload of only some tensors needs weights already loaded)")
         # FP8 KV scales a checkpoint omits are 1.0: values are stored unscaled.
-        fill = {p: jax.device_put(np.ones((), np.float32), placed.get(p))
-                for p in paths if p not in leaves}
+        fill = {p: put(np.ones((), np.float32), placed.get(p)) for p in paths if p not in leaves}
     else:
         fill = dict(zip(paths, jax.tree.leaves(base)))
     treedef = jax.tree.structure(abstract)
@@ -182,11 +221,15 @@ def dummy_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) -
     key = jax.random.key(seed)
     leaves = []
     for i, (spec, sharding) in enumerate(zip(flat, placed)):
-        if spec.init == "ones":
-            leaves.append(jnp.ones(spec.shape, spec.dtype, device=sharding))
-        else:
-            draw = _normal_drawer(spec.shape, spec.dtype, sharding)
-            leaves.append(draw(jax.random.fold_in(key, i), cfg.initializer_range))
+        # An uncommitted placement: create the array on that device without committing it.
+        device = sharding.device if isinstance(sharding, Uncommitted) else None
+        sharding = None if device is not None else sharding
+        with jax.default_device(device):
+            if spec.init == "ones":
+                leaves.append(jnp.ones(spec.shape, spec.dtype, device=sharding))
+            else:
+                draw = _normal_drawer(spec.shape, spec.dtype, sharding)
+                leaves.append(draw(jax.random.fold_in(key, i), cfg.initializer_range))
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -206,7 +249,10 @@ def load_params(config: RunnerConfig, shardings: Params | None = None) -> Params
         return dummy_params(cfg, load.seed, shardings)
     if fmt == "orbax":
         from runner.orbax_io import restore_params
-        return restore_params(_model_folder(cfg), cfg, shardings)
+        params = restore_params(_model_folder(cfg), cfg, shardings)
+        if load.check_finite:
+            validate_params(params, cfg, check_finite=True)
+        return params
     folder = _model_folder(cfg)
     return params_from_checkpoint(iter_safetensors(folder), cfg, check_finite=load.check_finite,
                                   shardings=shardings)
@@ -228,6 +274,10 @@ def validate_params(params: Any, cfg: ModelConfig, *, check_finite: bool = True)
     if not same_structure:
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
+        if not missing and not extra:
+            raise CheckpointError(f"params tree has the model's leaves in other containers: got "
+                                  f"{jax.tree.structure(params)}; expected {jax.tree.structure(abstract)} "
+                                  "(a state.params.Params with a tuple of LayerParams)")
         raise CheckpointError(f"params tree does not match the model: missing leaves {missing[:8]}, "
                               f"unexpected leaves {extra[:8]} (expected a state.params.Params)")
     for path, leaf, spec in zip(expected, jax.tree.leaves(params), jax.tree.leaves(abstract)):

@@ -18,19 +18,27 @@ from state.params import Params
 @dataclass(frozen=True)
 class RunnerState:
     config: RunnerConfig
-    params: Params | None  # on device; None while the weights sleep
+    params: Params | None  # on device; None while the weights sleep or are stale
     kv_cache: tuple[KVCache, ...] | None  # None while the cache sleeps
     num_blocks: int
     param_shardings: Any  # Params tree of jax.sharding.Sharding: where each leaf lives
     kv_shardings: Any  # KV cache tree of shardings, reused when the cache is reallocated
     host_params: Params | None = None  # level-1 sleep: the weights, in host memory
-    weights_stale: bool = False  # level-2 wake-up: buffers exist, values do not (reload first)
+    weights_stale: bool = False  # woken from level 2: awake (params None) until a reload fills them
+    # While released: where each leaf goes back (a tree of shardings, or runner.loader.Uncommitted
+    # for arrays JAX has not committed to a device), so woken arrays match compiled programs.
+    param_placements: Any = None
+    kv_placements: Any = None
 
     @property
     def sleeping(self) -> tuple[str, ...]:
         """Which of "weights", "kv_cache" are asleep."""
-        return tuple(tag for tag, value in (("weights", self.params), ("kv_cache", self.kv_cache))
-                     if value is None)
+        tags = []
+        if self.params is None and not self.weights_stale:
+            tags.append("weights")
+        if self.kv_cache is None:
+            tags.append("kv_cache")
+        return tuple(tags)
 
     def check_servable(self) -> None:
         """Raise unless this record can run a step."""
