@@ -6,9 +6,8 @@
     wake_up        restore "weights" and/or "kv_cache" on their original shardings (after
                    level 2 the weights come back empty: reload_weights fills them)
 
-New weights always have the shapes, dtypes and shardings of the old ones, and are placed
-exactly as the arrays they replace (committed to their sharding or not, which a jitted
-function's signature also records), so every compiled program stays valid: nothing
+New weights always have the shapes, dtypes and shardings of the old ones (the record's
+`param_shardings`, `kv_shardings`), so every compiled program stays valid: nothing
 recompiles after a reload or a wake-up.
 """
 
@@ -23,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runner.loader import (CheckpointError, Uncommitted, load_params, params_from_checkpoint,
-                           placements, put, validate_params)
+from runner.loader import CheckpointError, load_params, params_from_checkpoint, validate_params
 from state.config import Effect, ModelConfig, RunnerConfig, update_config as merge_config
 from state.kv_cache import kv_cache_specs
 from state.params import Params, abstract_params, leaf_paths, replace_leaf
@@ -86,7 +84,7 @@ def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None
     config = state.config
     cfg = config.model_config
     check_finite = config.load_config.check_finite
-    target = _param_placements(state)
+    target = state.param_shardings
     # After a level-2 wake-up there are no values: a partial update has nothing to borrow
     # the other leaves from.
     base = None if state.weights_stale else state.params
@@ -196,28 +194,23 @@ def _params_from_leaves(named: Iterable[tuple[str, Any]], cfg: ModelConfig, base
     return tree
 
 
-def _copy_leaf(array: Any, placement: Any) -> jax.Array:
-    """A private copy of `array` on `placement`: sleep deletes the runner's buffers, so
-    they must never be a caller's."""
-    if isinstance(placement, Uncommitted):
-        if isinstance(array, jax.Array) and (array.committed or array.devices() != {placement.device}):
-            array = np.asarray(array)  # JAX cannot uncommit an array on device
-        with jax.default_device(placement.device):
-            return jax.device_put(array, may_alias=False)
-    return jax.device_put(array, placement, may_alias=False)
+def _copy_leaf(array: Any, sharding: Any) -> jax.Array:
+    """A private copy of `array` on `sharding`: sleep deletes the runner's buffers, so they
+    must never be a caller's."""
+    return jax.device_put(array, sharding, may_alias=False)
 
 
-def _param_placements(state: RunnerState) -> Params:
-    """Where each weight goes: as the live leaves are placed, else as they were before sleep."""
-    if state.params is not None:
-        return placements(state.params)
-    return state.param_placements if state.param_placements is not None else state.param_shardings
+def _to_host(array: jax.Array) -> list[tuple[jax.Device, np.ndarray]]:
+    """The shards of `array` this process holds, in host memory (works across processes,
+    where a whole-array read would need shards other processes own)."""
+    return [(shard.device, np.asarray(shard.data)) for shard in array.addressable_shards]
 
 
-def _kv_placements(state: RunnerState) -> Any:
-    if state.kv_cache is not None:
-        return placements(state.kv_cache)
-    return state.kv_placements if state.kv_placements is not None else state.kv_shardings
+def _from_host(shards: list[tuple[jax.Device, np.ndarray]], spec: jax.ShapeDtypeStruct,
+               sharding: Any) -> jax.Array:
+    """The array `_to_host` took apart, back on its devices and sharding."""
+    on_device = [jax.device_put(data, device) for device, data in shards]
+    return jax.make_array_from_single_device_arrays(spec.shape, sharding, on_device)
 
 
 def sleep(state: RunnerState, level: int = 1) -> RunnerState:
@@ -232,14 +225,12 @@ def sleep(state: RunnerState, level: int = 1) -> RunnerState:
     if state.sleeping:
         raise RuntimeError(f"the runner is already asleep ({', '.join(state.sleeping)} released); "
                            "call wake_up() first")
-    param_placements, kv_placements = _param_placements(state), _kv_placements(state)
     # Weights woken from level 2 and not reloaded yet hold nothing worth keeping.
     keep = level == 1 and state.params is not None
-    host = jax.device_get(state.params) if keep else None
+    host = jax.tree.map(_to_host, state.params) if keep else None
     for leaf in jax.tree.leaves((state.params, state.kv_cache)):
         leaf.delete()
-    return dataclasses.replace(state, params=None, kv_cache=None, host_params=host, weights_stale=False,
-                               param_placements=param_placements, kv_placements=kv_placements)
+    return dataclasses.replace(state, params=None, kv_cache=None, host_params=host, weights_stale=False)
 
 
 def wake_up(state: RunnerState, tags: list[str] | tuple[str, ...] | str | None = None) -> RunnerState:
@@ -270,18 +261,14 @@ def wake_up(state: RunnerState, tags: list[str] | tuple[str, ...] | str | None =
     changes: dict[str, Any] = {}
     if "weights" in tags:
         if state.host_params is not None:
-            changes["params"] = jax.tree.map(put, state.host_params, _param_placements(state))
+            abstract = abstract_params(state.config.model_config)
+            changes["params"] = jax.tree.map(_from_host, state.host_params, abstract, state.param_shardings,
+                                             is_leaf=lambda x: isinstance(x, list))
             changes["host_params"] = None
         else:
             changes["weights_stale"] = True
     if "kv_cache" in tags:
         specs = kv_cache_specs(state.config, state.num_blocks)
-        changes["kv_cache"] = jax.tree.map(_zeros, specs, _kv_placements(state))
+        changes["kv_cache"] = jax.tree.map(lambda s, sh: jnp.zeros(s.shape, s.dtype, device=sh),
+                                           specs, state.kv_shardings)
     return dataclasses.replace(state, **changes)
-
-
-def _zeros(spec: jax.ShapeDtypeStruct, placement: Any) -> jax.Array:
-    if isinstance(placement, Uncommitted):
-        with jax.default_device(placement.device):
-            return jnp.zeros(spec.shape, spec.dtype)
-    return jnp.zeros(spec.shape, spec.dtype, device=placement)

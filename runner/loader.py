@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +34,9 @@ class CheckpointError(ValueError):
     """A checkpoint (folder, file or tensor) is missing, malformed or does not fit the model."""
 
 
-@dataclass(frozen=True)
-class Uncommitted:
-    """Placement of an array JAX has not committed to its device.
-
-    A runner built without explicit shardings holds such arrays, and a jitted function's
-    signature records whether each argument is committed: an array swapped in must match,
-    or every program compiles again. JAX cannot uncommit an array on device, so a committed
-    array placed here takes a trip through host memory (single-device runners only).
-    """
-
-    device: jax.Device
-
-
-def put(array: Any, placement: Any) -> jax.Array:
-    """`array` on `placement`: a `jax.sharding.Sharding`, an `Uncommitted`, or None (default)."""
-    if isinstance(placement, Uncommitted):
-        if isinstance(array, jax.Array) and (array.committed or array.devices() != {placement.device}):
-            array = np.asarray(array)
-        with jax.default_device(placement.device):
-            return jax.device_put(array)
-    return jax.device_put(array, placement)
-
-
-def placements(tree: Any) -> Any:
-    """Per leaf of a tree of arrays: its sharding if committed, else `Uncommitted(device)`."""
-    return jax.tree.map(lambda x: x.sharding if x.committed else Uncommitted(next(iter(x.devices()))),
-                        tree)
+def put(array: Any, sharding: Any) -> jax.Array:
+    """`array` on `sharding` (None: JAX's default device)."""
+    return jax.device_put(array, sharding)
 
 
 def resolve_format(config: RunnerConfig) -> str:
@@ -221,15 +196,11 @@ def dummy_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) -
     key = jax.random.key(seed)
     leaves = []
     for i, (spec, sharding) in enumerate(zip(flat, placed)):
-        # An uncommitted placement: create the array on that device without committing it.
-        device = sharding.device if isinstance(sharding, Uncommitted) else None
-        sharding = None if device is not None else sharding
-        with jax.default_device(device):
-            if spec.init == "ones":
-                leaves.append(jnp.ones(spec.shape, spec.dtype, device=sharding))
-            else:
-                draw = _normal_drawer(spec.shape, spec.dtype, sharding)
-                leaves.append(draw(jax.random.fold_in(key, i), cfg.initializer_range))
+        if spec.init == "ones":
+            leaves.append(jnp.ones(spec.shape, spec.dtype, device=sharding))
+        else:
+            draw = _normal_drawer(spec.shape, spec.dtype, sharding)
+            leaves.append(draw(jax.random.fold_in(key, i), cfg.initializer_range))
     return jax.tree.unflatten(treedef, leaves)
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from runner.loader import CheckpointError, Uncommitted, put, validate_params
+from runner.loader import CheckpointError, validate_params
 from state.config import ModelConfig
 from state.params import Params, abstract_params, leaf_paths
 
@@ -66,8 +66,7 @@ def restore_params(folder: str | Path, cfg: ModelConfig, shardings: Any = None) 
         folder: a folder written by `save_params` (or any orbax checkpoint of this tree).
         cfg: the architecture; the stored tree must have exactly its leaves and shapes
             (a floating dtype other than `cfg.dtype` is converted).
-        shardings: a tree of `jax.sharding.Sharding` (or `runner.loader.Uncommitted`)
-            matching `abstract_params(cfg)`.
+        shardings: a tree of `jax.sharding.Sharding` matching `abstract_params(cfg)`.
 
     Raises:
         CheckpointError: no orbax checkpoint there, or its tree does not fit `cfg` (the
@@ -85,22 +84,15 @@ def restore_params(folder: str | Path, cfg: ModelConfig, shardings: Any = None) 
             raise CheckpointError(f"cannot read the orbax checkpoint in {str(folder)!r}: {e}") from e
         _check_tree(stored, abstract, folder)
         if shardings is None:
-            # Uncommitted on the default device, as the safetensors loader places arrays, so
-            # a runner compiles the same programs whichever format it started from.
-            default = Uncommitted(jax.devices()[0])
+            default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: default, abstract)
-        # Orbax restores onto real shardings only: an uncommitted target is restored on its
-        # device, then passes through host memory (JAX cannot uncommit an array in place).
-        restore_on = jax.tree.map(
-            lambda s: jax.sharding.SingleDeviceSharding(s.device) if isinstance(s, Uncommitted) else s,
-            shardings)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, restore_on)
+                              abstract, shardings)
         try:
             params = checkpointer.restore(folder, target)
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt array file
             raise CheckpointError(f"cannot restore the orbax checkpoint in {str(folder)!r}: {e}") from e
-    return jax.tree.map(lambda x, s: put(x, s) if isinstance(s, Uncommitted) else x, params, shardings)
+    return params
 
 
 def _check_tree(stored: Any, abstract: Params, folder: Path) -> None:

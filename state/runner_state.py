@@ -23,12 +23,8 @@ class RunnerState:
     num_blocks: int
     param_shardings: Any  # Params tree of jax.sharding.Sharding: where each leaf lives
     kv_shardings: Any  # KV cache tree of shardings, reused when the cache is reallocated
-    host_params: Params | None = None  # level-1 sleep: the weights, in host memory
+    host_params: Any = None  # level-1 sleep: per leaf, this process's shards in host memory
     weights_stale: bool = False  # woken from level 2: awake (params None) until a reload fills them
-    # While released: where each leaf goes back (a tree of shardings, or runner.loader.Uncommitted
-    # for arrays JAX has not committed to a device), so woken arrays match compiled programs.
-    param_placements: Any = None
-    kv_placements: Any = None
 
     @property
     def sleeping(self) -> tuple[str, ...]:
