@@ -15,12 +15,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from runner import demo
+from runner import demo, distributed
 from runner.model_runner import ModelRunner, SequenceResult
 from runner.outputs import CompletionOutput, RequestOutput
 from runner.sampling_params import SamplingParams
 from runner.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from runner.tokenizer import Tokenizer
+from runner.warmup import WarmupReport, warmup
 from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RunnerConfig,
                           SchedulerConfig)
 from state.params import Params
@@ -35,13 +36,18 @@ class LLM:
 
     Args:
         model: a Hugging Face folder (config.json, safetensors, tokenizer.json) or an orbax
-            checkpoint folder; None serves the built-in demo model.
+            checkpoint folder; None serves the built-in model (`runner.demo`).
         load_format: auto | safetensors | dummy | orbax.
         dtype: auto (the checkpoint's) | float32 | bfloat16 | float16.
         seed: seeds dummy weights and the per-request seeds of unseeded requests.
         max_model_len: prompt plus output tokens per request (default: the model's maximum).
         num_kv_blocks: KV blocks to allocate (default: from the memory budget).
         attention_backend: reference | pallas (default: pallas on GPU, reference elsewhere).
+        tensor_parallel_size: devices each weight and the KV cache are split over (attention
+            heads, MLP width, vocabulary; see `runner.sharding`).
+        data_parallel_size: the mesh's "data" axis; weights and cache are replicated over it
+            (no rule splits work over it yet). `dp * tp` devices are used, of every process
+            when run under `runner.distributed`.
         model_config, params: serve an in-memory tree instead of a folder (see `from_params`).
     """
 
@@ -51,15 +57,12 @@ class LLM:
                  max_num_seqs: int = 32, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  kv_cache_dtype: str = "auto", attention_backend: str | None = None,
-                 tensor_parallel_size: int = 1,
+                 tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  tokenizer: str | Tokenizer | None = None, enable_sleep_mode: bool = True,
                  model_config: ModelConfig | None = None, params: Params | None = None) -> None:
         if model_config is None:
-            if model is None:
-                model_config, load_format = demo.model_config(), "dummy"
-                tokenizer = tokenizer or demo.tokenizer()
-            else:
-                model_config = ModelConfig.from_pretrained(model, dtype=_resolve_dtype(model, dtype))
+            model = model if model is not None else demo.builtin_folder()
+            model_config = ModelConfig.from_pretrained(model, dtype=_resolve_dtype(model, dtype))
         max_model_len = max_model_len or model_config.max_position_embeddings
         config = RunnerConfig(
             model_config=model_config,
@@ -73,7 +76,8 @@ class LLM:
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens or max(1024, max_num_seqs),
                 enable_chunked_prefill=enable_chunked_prefill),
-            parallel_config=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            parallel_config=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                           data_parallel_size=data_parallel_size),
         )
         self.runner = ModelRunner(config, params)
         self.scheduler = Scheduler(config, self.runner.num_blocks)
@@ -123,13 +127,23 @@ class LLM:
         sleep the weights hold no values until `reload_weights()`."""
         self.runner.wake_up(tags)
 
+    def warmup(self) -> WarmupReport:
+        """Compile every program the serving loop can need (see `runner.warmup`); after it,
+        generating with any prompt lengths and batch sizes compiles nothing."""
+        return warmup(self.runner)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix: later prompts are computed in full."""
         self.scheduler.reset_prefix_cache()
 
     def collective_rpc(self, method: str, args: tuple | list = (),
                        kwargs: dict[str, Any] | None = None) -> list:
-        """Call a lifecycle method on every worker; one result per worker (one here)."""
+        """Call a lifecycle method on every worker; one result per worker.
+
+        A single process is one worker. Under `runner.distributed` every process is one:
+        each process makes this same call (SPMD), runs the method itself, and gets every
+        process's result, in process order. A failure in any process raises in all of them.
+        """
         if method not in RPC_METHODS:
             raise ValueError(f"collective_rpc: unknown method {method!r}; supported: {', '.join(RPC_METHODS)}")
         if not isinstance(args, (tuple, list)):
@@ -137,7 +151,19 @@ class LLM:
                              f"{type(args).__name__} (write args=(value,) for one argument)")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ValueError(f"collective_rpc: kwargs must be a dict, got {type(kwargs).__name__}")
-        return [getattr(self, method)(*args, **(kwargs or {}))]
+        if not distributed.is_multiprocess():
+            return [getattr(self, method)(*args, **(kwargs or {}))]
+        try:
+            result, error = getattr(self, method)(*args, **(kwargs or {})), None
+        except Exception as e:  # noqa: BLE001 - raised below, once every process has reported
+            result, error = None, e
+        gathered = distributed.allgather_objects((result, None if error is None else repr(error)))
+        if error is not None:
+            raise error
+        failed = [(i, e) for i, (_, e) in enumerate(gathered) if e is not None]
+        if failed:
+            raise RuntimeError(f"collective_rpc({method!r}) failed in process {failed[0][0]}: {failed[0][1]}")
+        return [r for r, _ in gathered]
 
     # -- generation ----------------------------------------------------------------------
 
@@ -152,6 +178,10 @@ class LLM:
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params_list = self._sampling_list(sampling_params, len(prompts))
         encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
+        # Every prompt is checked before any request exists: a bad one fails the call with
+        # no request id or seed drawn.
+        for i, (ids, p) in enumerate(zip(encoded, params_list)):
+            self._check_request(i, ids, p)
         groups = [self._requests(ids, p) for ids, p in zip(encoded, params_list)]
         self._run([r for group in groups for r in group], use_tqdm)
         return [self._output(prompt, ids, group)
@@ -196,7 +226,9 @@ class LLM:
                              "leaves no room for a generated token")
         return ids
 
-    def _requests(self, ids: list[int], params: SamplingParams) -> list[Request]:
+    def _check_request(self, index: int, ids: list[int], params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against this vocabulary, stop
+        strings against the tokenizer, and the request's KV against the whole pool."""
         vocab = self.config.model_config.vocab_size
         for name, tokens in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or ())):
             bad = [t for t in tokens if not 0 <= t < vocab]
@@ -204,6 +236,12 @@ class LLM:
                 raise ValueError(f"SamplingParams.{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer to detokenize the output")
+        try:
+            self.scheduler.check_fits(len(ids), params.max_tokens)
+        except ValueError as e:
+            raise ValueError(f"prompt {index}: {e}") from None
+
+    def _requests(self, ids: list[int], params: SamplingParams) -> list[Request]:
         eos = self.config.model_config.eos_token_ids
         requests = []
         for i in range(params.n):
@@ -216,12 +254,12 @@ class LLM:
     def _run(self, requests: list[Request], use_tqdm: bool) -> None:
         """The engine loop. On any exception (a keyboard interrupt included) every request of
         the call is aborted and its blocks returned, so the engine serves the next call."""
-        for r in requests:
-            self.scheduler.add_request(r)
         bar = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm,
                    dynamic_ncols=True)
         start, num_in, num_out = time.perf_counter(), 0, 0
         try:
+            for r in requests:  # inside the try: should one be refused, none stays queued
+                self.scheduler.add_request(r)
             while self.scheduler.has_unfinished():
                 out = self.scheduler.schedule()
                 results = self.runner.execute_model(out)
@@ -258,16 +296,24 @@ class LLM:
                 request.output_logprobs.append(result.top_logprobs)
 
     def _check_stop_strings(self, out: SchedulerOutput) -> list[Request]:
+        """Finish requests whose text now holds a stop string. A request that just reached
+        its length limit is checked too: a stop string its last token completes still wins
+        (finish_reason "stop", string cut from the text), as in vLLM. One stopped by EOS or
+        a stop token id is not: that token's text is never part of the output."""
         finished = []
         for s in out.scheduled:
             r = s.request
-            if r.is_finished or not s.samples or not r.sampling_params.stop_strings:
+            if not s.samples or not r.sampling_params.stop_strings:
                 continue
-            text = self.tokenizer.decode(r.output_token_ids)
+            if r.is_finished and r.finish_reason != "length":
+                continue
+            text = self.tokenizer.decode(r.output_token_ids,
+                                         skip_special_tokens=r.sampling_params.skip_special_tokens)
             hit = _first_stop(text, r.sampling_params.stop_strings)
             if hit is not None:
+                if not r.is_finished:  # already counted among this step's finished otherwise
+                    finished.append(r)
                 self.scheduler.finish(r, "stop", hit)
-                finished.append(r)
         return finished
 
     def _output(self, prompt: Prompt, ids: list[int], group: list[Request]) -> RequestOutput:
@@ -282,8 +328,12 @@ class LLM:
 
     def _completion(self, index: int, r: Request) -> CompletionOutput:
         p = r.sampling_params
+        shown = r.output_token_ids
+        if (r.finish_reason == "stop" and not isinstance(r.stop_reason, str)
+                and not p.include_stop_str_in_output):
+            shown = shown[:-1]  # the EOS or stop token id that ended it: in token_ids, not in text
         text = "" if self.tokenizer is None else self.tokenizer.decode(
-            r.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            shown, skip_special_tokens=p.skip_special_tokens)
         if isinstance(r.stop_reason, str):
             cut = text.find(r.stop_reason)
             text = text[:cut + len(r.stop_reason)] if p.include_stop_str_in_output else text[:cut]

@@ -44,9 +44,15 @@ def _forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, c
 
 
 @functools.partial(jax.jit, static_argnames=("flags", "out_sharding"))
-def _sample_step(params: Params, hidden: jax.Array, logits_indices: jax.Array,
-                 meta: SamplingMetadata, flags: SamplerFlags, out_sharding: Any):
-    return _constrain(sample(compute_logits(params, hidden[logits_indices]), meta, flags), out_sharding)
+def _sample_step(params: Params, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags,
+                 out_sharding: Any):
+    return _constrain(sample(compute_logits(params, rows), meta, flags), out_sharding)
+
+
+@jax.jit
+def select_rows(hidden: jax.Array, logits_indices: jax.Array) -> jax.Array:
+    """[B, D] hidden states of the tokens that predict a next token."""
+    return hidden[logits_indices]
 
 
 @functools.partial(jax.jit, static_argnames=("out_sharding",))
@@ -62,12 +68,10 @@ def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cf
                          kv_shardings=_named_shardings(kv_cache))
 
 
-def sample_step(params: Params, hidden: jax.Array, logits_indices: jax.Array,
-                meta: SamplingMetadata, flags: SamplerFlags):
-    """Sampled tokens and log-probabilities, replicated on every device of the weights'
-    mesh, so that every process can read them back (`jax.device_get`)."""
-    return _sample_step(params, hidden, logits_indices, meta, flags=flags,
-                        out_sharding=_replicated_like(params))
+def sample_step(params: Params, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags):
+    """Sampled tokens and log-probabilities for `rows: [B, D]` hidden states, replicated on
+    every device of the weights' mesh, so that every process can read them back."""
+    return _sample_step(params, rows, meta, flags=flags, out_sharding=_replicated_like(params))
 
 
 def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array):
@@ -190,19 +194,32 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------
 
+    def run_forward(self, batch: Batch) -> jax.Array:
+        """The forward program on `batch`; the record takes the updated (donated) cache."""
+        state = self._state
+        state.check_servable()
+        hidden, kv_cache = forward_step(state.params, state.kv_cache, batch,
+                                        state.config.model_config.for_compile(),
+                                        state.config.cache_config.attention_backend)
+        # The old cache buffers were donated: the record must point at the new ones now.
+        self._state = replace(state, kv_cache=kv_cache)
+        return hidden
+
+    def run_sampler(self, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Any:
+        return sample_step(self._state.params, rows, meta, flags)
+
+    def run_prompt_logprobs(self, hidden: jax.Array, next_ids: Any) -> Any:
+        return prompt_logprobs_step(self._state.params, hidden, next_ids)
+
     def execute_model(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         """Run one scheduled step: write its KV, sample the next token of finished prefills
         and decodes, gather requested log-probabilities. Returns results by request id."""
-        state = self._state
-        state.check_servable()
-        cfg = state.config.model_config
-        batch, sizes = prepare_batch(out, state.config.cache_config.block_size)
-        meta, flags = prepare_sampling(out, sizes.num_seqs, cfg.vocab_size)
-        hidden, kv_cache = forward_step(state.params, state.kv_cache, batch, cfg.for_compile(),
-                                        state.config.cache_config.attention_backend)
-        # The old cache buffers were donated: the record must point at the new ones now.
-        self._state = state = replace(state, kv_cache=kv_cache)
-        sampled = sample_step(state.params, hidden, batch.logits_indices, meta, flags)
+        config = self._state.config
+        batch, sizes = prepare_batch(out, config.cache_config.block_size,
+                                     config.scheduler_config.max_num_seqs)
+        meta, flags = prepare_sampling(out, sizes.num_seqs, config.model_config.vocab_size)
+        hidden = self.run_forward(batch)
+        sampled = self.run_sampler(select_rows(hidden, batch.logits_indices), meta, flags)
         chunk_logprobs = self._prompt_logprobs(out, hidden, sizes)
         sampled = jax.device_get(sampled)
         results = {}
@@ -234,7 +251,7 @@ class ModelRunner:
                 if pos + 1 < len(prompt):
                     next_ids[offset + j] = prompt[pos + 1]
             offset += s.num_tokens
-        chosen, top_ids, top_lps = jax.device_get(prompt_logprobs_step(self._state.params, hidden, next_ids))
+        chosen, top_ids, top_lps = jax.device_get(self.run_prompt_logprobs(hidden, next_ids))
         entries: list[dict[int, float] | None] = []
         offset = 0
         for s in out.scheduled:

@@ -26,22 +26,28 @@ class BucketSizes:
     num_seqs: int  # B
 
 
-def prepare_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketSizes]:
+def prepare_batch(out: SchedulerOutput, block_size: int, max_num_seqs: int) -> tuple[Batch, BucketSizes]:
     """The model input of one step, as numpy arrays padded to their buckets."""
     if all(s.num_tokens == 1 for s in out.scheduled):
         return _decode_batch(out, block_size)
-    return _general_batch(out, block_size)
+    return _general_batch(out, block_size, max_num_seqs)
+
+
+def sampled_rows(num_tokens: int, max_num_seqs: int) -> int:
+    """Rows a general batch of `num_tokens` (a bucket) samples: a function of T alone, so the
+    sampler's programs are keyed by sequence buckets only, never by (T, B) pairs."""
+    return min(num_tokens, bucket(max_num_seqs))
 
 
 def _slots(blocks: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
     return blocks[positions // block_size] * block_size + positions % block_size
 
 
-def _general_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketSizes]:
+def _general_batch(out: SchedulerOutput, block_size: int, max_num_seqs: int) -> tuple[Batch, BucketSizes]:
     sched = out.scheduled
     T = bucket(out.num_tokens, MIN_TOKEN_BUCKET)
     N = bucket(sum(-(-s.end // block_size) for s in sched))
-    B = bucket(len(sched))
+    B = sampled_rows(T, max_num_seqs)
 
     token_ids = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)

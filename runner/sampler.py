@@ -85,7 +85,9 @@ def _top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     probs = jax.nn.softmax(ordered, axis=-1)
     # Keep the smallest head whose mass reaches top_p: token i stays if the mass before it < top_p.
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    num_kept = jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1), 1)
+    # top_p = 1 keeps everything outright: in float32 the running mass can round up to 1
+    # before the last tokens, which would cut a tail the row never asked to cut.
+    num_kept = jnp.where(top_p >= 1, V, jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1), 1))
     pth = jnp.take_along_axis(ordered, (num_kept - 1)[:, None], axis=-1)
     return jnp.where(logits < jnp.maximum(kth, pth), -jnp.inf, logits)
 

@@ -25,15 +25,17 @@ class ScheduledRequest:
     request: Request
     start: int  # first position computed this step
     num_tokens: int  # positions start .. start + num_tokens - 1
+    # Whether this step completes the request's known tokens, so its logits matter. Fixed
+    # when the step is scheduled: once `update` appends the sampled token, comparing with
+    # the request's length would say False for every step that sampled.
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", self.end == self.request.num_tokens)
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step completes the request's known tokens, so its logits matter."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass
@@ -70,7 +72,20 @@ class Scheduler:
     # -- queue -------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
+        self.check_fits(len(request.prompt_token_ids), request.sampling_params.max_tokens)
         self.waiting.append(request)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a request whose KV could not fit in the whole pool even alone: it would
+        grow until it preempts itself, be readmitted, and do it again forever. Its KV
+        covers at most every token but the last one sampled."""
+        max_len = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        needed = self._blocks_for(max_len - 1)
+        if needed > self.pool.num_blocks:
+            raise ValueError(
+                f"{num_prompt_tokens} prompt tokens plus max_tokens={max_tokens} need up to {needed} "
+                f"KV blocks of {self.block_size} tokens, but the cache has {self.pool.num_blocks} "
+                "(num_kv_blocks); lower max_tokens or shorten the prompt, or raise num_kv_blocks")
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -115,7 +130,10 @@ class Scheduler:
             hashes.pop()
         num_cached = len(blocks) * self.block_size
         n = len(tokens) - num_cached
-        if n > budget and not self.chunked_prefill:
+        # Without chunked prefill a prefill waits for a step with room for all of it; one
+        # larger than a whole step's budget (a long prompt, or prompt plus outputs of a
+        # preempted request) would wait forever, so it is chunked anyway.
+        if n > budget and not self.chunked_prefill and n <= self.max_num_batched_tokens:
             self.pool.free(blocks)
             return False
         n = min(n, budget)

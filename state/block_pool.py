@@ -10,7 +10,7 @@ so equal hashes mean equal whole prefixes, not just equal blocks.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,11 +57,15 @@ class BlockPool:
         """Drop one reference to each block; a block nobody holds joins the LRU queue.
 
         Blocks are queued in reverse so a request's tail blocks (the least shareable) are
-        evicted before its head.
+        evicted before its head. A list that would over-free any block (a block not held, or
+        listed more often than it is held) is refused whole, before any count changes: a
+        half-applied free would leave the pool inconsistent behind the error.
         """
+        for block, count in Counter(blocks).items():
+            if count > self.ref_counts[block]:
+                raise RuntimeError(f"block {block} freed while not allocated "
+                                   f"(freed {count} times, held {self.ref_counts[block]})")
         for block in reversed(blocks):
-            if self.ref_counts[block] <= 0:
-                raise RuntimeError(f"block {block} freed while not allocated")
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None

@@ -28,7 +28,8 @@ def _our_logits(llm: LLM, tokens: list[int], start: int) -> np.ndarray:
         sched.add_request(request)
     out = sched.schedule()
     assert [(s.start, s.num_tokens) for s in out.scheduled] == [(start, len(tokens) - start)]
-    batch, _ = prepare_batch(out, llm.config.cache_config.block_size)
+    batch, _ = prepare_batch(out, llm.config.cache_config.block_size,
+                             llm.config.scheduler_config.max_num_seqs)
     state = llm.runner.state
     hidden, kv = forward_step(state.params, state.kv_cache, batch, state.config.model_config.for_compile(),
                              state.config.cache_config.attention_backend)

@@ -1,0 +1,105 @@
+"""Warm-up: compile every program the serving loop can ask for, before it asks.
+
+The shapes a step can have are known from the config alone (see `state.batch`):
+
+    general forward   T in buckets(max_num_batched_tokens), N in buckets(KV blocks), with
+                      the N a batch of T tokens can actually need (at least T/2 tokens
+                      means at least T/(2*block_size) blocks)
+    decode forward    B in buckets(max_num_seqs), Nb in buckets(blocks per sequence)
+    sampler           B in buckets(max_num_seqs) x the common switches: greedy, random,
+                      random with top-k/top-p, each with and without logprobs
+
+Each is run once on an all-padding batch that writes nothing to the cache. Requests with
+penalties, logit_bias or min_tokens, and prompt logprobs, use programs compiled on their
+first use (their table widths vary with the request).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from runner.compilation import CompileCounter
+from runner.model_runner import select_rows
+from runner.prepare import MIN_TOKEN_BUCKET, sampled_rows
+from runner.sampler import SamplerFlags, SamplingMetadata
+from runner.sampling_params import MAX_LOGPROBS
+from state.batch import Batch, buckets_up_to
+from state.config import RunnerConfig
+from state.kv_cache import blocks_per_seq
+
+
+@dataclass(frozen=True)
+class WarmupReport:
+    num_forward_shapes: int
+    num_sampler_shapes: int
+    num_compilations: int
+    seconds: float
+
+
+def general_shapes(config: RunnerConfig, num_blocks: int) -> Iterator[tuple[int, int]]:
+    """(T, N) of every general batch the scheduler can form."""
+    S = config.cache_config.block_size
+    sched = config.scheduler_config
+    max_blocks = min(num_blocks, sched.max_num_seqs * blocks_per_seq(config))
+    for T in buckets_up_to(sched.max_num_batched_tokens, MIN_TOKEN_BUCKET):
+        fewest = -(-(T // 2 + 1) // S) if T > MIN_TOKEN_BUCKET else 1
+        for N in buckets_up_to(max_blocks):
+            if N >= fewest // 2:  # a bucket below the fewest blocks' own bucket is unreachable
+                yield T, N
+
+
+def decode_shapes(config: RunnerConfig) -> Iterator[tuple[int, int]]:
+    """(B, Nb) of every decode batch."""
+    for B in buckets_up_to(config.scheduler_config.max_num_seqs):
+        for Nb in buckets_up_to(blocks_per_seq(config)):
+            yield B, Nb
+
+
+def general_batch(T: int, N: int, B: int) -> Batch:
+    return Batch(token_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                 slot_mapping=np.full(T, -1, np.int32), logits_indices=np.zeros(B, np.int32),
+                 token_seq=np.full(T, -1, np.int32), key_block_ids=np.zeros(N, np.int32),
+                 key_block_seq=np.full(N, -2, np.int32), key_block_pos=np.zeros(N, np.int32))
+
+
+def decode_batch(B: int, Nb: int) -> Batch:
+    return Batch(token_ids=np.zeros(B, np.int32), positions=np.zeros(B, np.int32),
+                 slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
+                 block_tables=np.zeros((B, Nb), np.int32), seq_lens=np.zeros(B, np.int32))
+
+
+def sampler_inputs(config: RunnerConfig) -> Iterator[tuple[int, SamplingMetadata, SamplerFlags]]:
+    """(B, metadata, flags) for every common sampler variant."""
+    for B in buckets_up_to(config.scheduler_config.max_num_seqs):
+        meta = SamplingMetadata(
+            temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
+            top_p=np.ones(B, np.float32), min_p=np.zeros(B, np.float32),
+            seeds=np.zeros(B, np.uint32), counters=np.zeros(B, np.int32))
+        for greedy, sort in ((True, False), (False, False), (False, True)):
+            for num_logprobs in (0, MAX_LOGPROBS):
+                yield B, meta, SamplerFlags(all_greedy=greedy, needs_sort=sort, num_logprobs=num_logprobs)
+
+
+def warmup(runner) -> WarmupReport:
+    """Run every shape once on `runner` (a `ModelRunner`); report counts and time."""
+    config, num_blocks = runner.config, runner.num_blocks
+    start = time.perf_counter()
+    max_seqs = config.scheduler_config.max_num_seqs
+    forward = [general_batch(T, N, sampled_rows(T, max_seqs)) for T, N in general_shapes(config, num_blocks)]
+    forward += [decode_batch(B, Nb) for B, Nb in decode_shapes(config)]
+    samplers = list(sampler_inputs(config))
+    with CompileCounter() as compiles:
+        for batch in forward:
+            hidden = runner.run_forward(batch)
+            select_rows(hidden, batch.logits_indices)
+            if batch.block_tables is None:
+                runner.run_prompt_logprobs(hidden, np.zeros(hidden.shape[0], np.int32))
+        for B, meta, flags in samplers:
+            # Rows cut from a real hidden state carry the sharding serving will pass, which
+            # is part of a compiled program's signature.
+            runner.run_sampler(select_rows(hidden, np.zeros(B, np.int32)), meta, flags)
+    return WarmupReport(len(forward), len(samplers), compiles.count, time.perf_counter() - start)

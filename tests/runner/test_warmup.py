@@ -1,0 +1,61 @@
+"""Bounded compilation: after warm-up, a varied workload compiles nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from runner import LLM, SamplingParams
+from runner.compilation import CompileCounter
+
+
+def test_varied_workload_compiles_nothing_after_warmup(hf_checkpoint):
+    folder, _ = hf_checkpoint("qwen3_tied")
+    llm = LLM(str(folder), block_size=4, num_kv_blocks=48, max_model_len=48, max_num_seqs=4,
+              max_num_batched_tokens=32)
+    report = llm.warmup()
+    assert report.num_compilations > 0 and report.num_forward_shapes > 0
+    print(f"warm-up: {report.num_forward_shapes} forward shapes, {report.num_sampler_shapes} "
+          f"sampler shapes, {report.num_compilations} compilations, {report.seconds:.1f}s")
+    rng = np.random.default_rng(0)
+    settings = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+                SamplingParams(temperature=0.8, seed=3, max_tokens=5, ignore_eos=True),
+                SamplingParams(temperature=1.0, top_p=0.9, top_k=5, max_tokens=7, logprobs=2, ignore_eos=True)]
+    with CompileCounter() as compiles:
+        for round_ in range(4):
+            n = int(rng.integers(1, 7))
+            prompts = [{"prompt_token_ids": rng.integers(3, 97, int(rng.integers(1, 38))).tolist()}
+                       for _ in range(n)]
+            params = [settings[int(rng.integers(len(settings)))] for _ in range(n)]
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert compiles.count == 0
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from runner.compilation import CompileCounter, enable_persistent_cache
+    enable_persistent_cache(sys.argv[1])
+    from runner import LLM, SamplingParams
+    with CompileCounter() as c:
+        llm = LLM(sys.argv[2], num_kv_blocks=16, block_size=4, max_model_len=32)
+        llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=3),
+                     use_tqdm=False)
+    print("COMPILES", c.count)
+""")
+
+
+def test_persistent_cache_lets_a_second_process_skip_compilation(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("qwen3_tied")
+    counts = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(folder)],
+                             capture_output=True, text=True, timeout=300,
+                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts.append(int(out.stdout.split("COMPILES")[-1]))
+    assert any((tmp_path / "cache").iterdir())
+    assert counts[0] > 0 and counts[1] < counts[0], counts
