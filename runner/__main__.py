@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy", "orbax"])
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    # Sampling by default: a small model's greedy output falls into loops quickly.
+    gen.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=0.9)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--max-model-len", type=int, default=None)
