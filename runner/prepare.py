@@ -17,6 +17,7 @@ from state.batch import Batch, bucket
 
 # Smallest token bucket: below this, padding costs less than another compilation.
 MIN_TOKEN_BUCKET = 8
+MIN_DECODE_BUCKET = 2
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,9 @@ def _general_batch(out: SchedulerOutput, block_size: int, max_num_seqs: int) -> 
 def _decode_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketSizes]:
     """One new token per sequence: token i belongs to sequence i, T = B."""
     sched = out.scheduled
-    B = bucket(len(sched))
+    # At least two rows: with a single row XLA rewrites the cache scatter into a dynamic
+    # update slice and copies the whole cache around it (measured 10x slower on CPU).
+    B = bucket(len(sched), MIN_DECODE_BUCKET)
     Nb = bucket(max(-(-s.end // block_size) for s in sched))
     token_ids = np.zeros(B, np.int32)
     positions = np.zeros(B, np.int32)

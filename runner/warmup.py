@@ -24,7 +24,7 @@ import numpy as np
 
 from runner.compilation import CompileCounter
 from runner.model_runner import select_rows
-from runner.prepare import MIN_TOKEN_BUCKET, sampled_rows
+from runner.prepare import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, sampled_rows
 from runner.sampler import SamplerFlags, SamplingMetadata
 from runner.sampling_params import MAX_LOGPROBS
 from state.batch import Batch, buckets_up_to
@@ -54,7 +54,7 @@ def general_shapes(config: RunnerConfig, num_blocks: int) -> Iterator[tuple[int,
 
 def decode_shapes(config: RunnerConfig) -> Iterator[tuple[int, int]]:
     """(B, Nb) of every decode batch."""
-    for B in buckets_up_to(config.scheduler_config.max_num_seqs):
+    for B in buckets_up_to(config.scheduler_config.max_num_seqs, MIN_DECODE_BUCKET):
         for Nb in buckets_up_to(blocks_per_seq(config)):
             yield B, Nb
 
