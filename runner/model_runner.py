@@ -213,7 +213,23 @@ class ModelRunner:
 
     def execute_model(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         """Run one scheduled step: write its KV, sample the next token of finished prefills
-        and decodes, gather requested log-probabilities. Returns results by request id."""
+        and decodes, gather requested log-probabilities. Returns results by request id.
+
+        A step mixing single-token sequences (decodes) with longer ones (prefills, chunks)
+        runs as two programs: the decodes through the decode batch, the rest through the
+        general batch. The general batch's masked attention costs its tokens times every
+        key it lists; keeping decode contexts out of it is worth reading the weights twice
+        (measured on W1 at batch 32: mixed steps 4x cheaper). Both shapes are ones the
+        warm-up compiles already, and each sequence's computation is the same either way.
+        """
+        decodes = [s for s in out.scheduled if s.num_tokens == 1]
+        if decodes and len(decodes) < len(out.scheduled):
+            results = self._execute(SchedulerOutput(decodes))
+            results.update(self._execute(SchedulerOutput([s for s in out.scheduled if s.num_tokens > 1])))
+            return results
+        return self._execute(out)
+
+    def _execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         config = self._state.config
         batch, sizes = prepare_batch(out, config.cache_config.block_size,
                                      config.scheduler_config.max_num_seqs)
