@@ -1,8 +1,9 @@
 """Counting backend compilations, and JAX's persistent compilation cache.
 
 Counts come from `jax.monitoring`: JAX records one backend-compile duration event per
-XLA compilation (a cache hit records none), so a count taken around a call is exactly
-the number of programs that call compiled.
+program it had to build (an in-memory jit cache hit records none), so a count taken around
+a call is the number of programs that call built. A program found in the persistent
+compilation cache still counts as built, and also as a persistent cache hit.
 """
 
 from __future__ import annotations
@@ -13,18 +14,33 @@ from pathlib import Path
 import jax
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _lock = threading.Lock()
 _count = 0
+_cache_hits = 0
 
 
-def _on_event(event: str, duration_secs: float, **_: object) -> None:
+def _on_duration(event: str, duration_secs: float, **_: object) -> None:
     global _count
     if event == _BACKEND_COMPILE_EVENT:
         with _lock:
             _count += 1
 
 
-jax.monitoring.register_event_duration_secs_listener(_on_event)
+def _on_event(event: str, **_: object) -> None:
+    global _cache_hits
+    if event == _CACHE_HIT_EVENT:
+        with _lock:
+            _cache_hits += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+jax.monitoring.register_event_listener(_on_event)
+
+
+def persistent_cache_hits() -> int:
+    """Programs this process loaded from the persistent compilation cache."""
+    return _cache_hits
 
 
 def compile_count() -> int:

@@ -14,6 +14,7 @@ recompiles after a reload or a wake-up.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,9 @@ def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None
 
 def _point_at(config: RunnerConfig, weights_path: str | Path) -> RunnerConfig:
     """The config with `weights_path` as its model folder."""
+    if not isinstance(weights_path, (str, os.PathLike)) or str(weights_path) == "":
+        # Path("") would be the working directory: never a checkpoint anyone meant.
+        raise ValueError(f"weights_path: expected a checkpoint folder path, got {weights_path!r}")
     folder = Path(weights_path)
     if not folder.is_dir():
         raise CheckpointError(f"weights_path {str(weights_path)!r} is not a folder")

@@ -8,7 +8,7 @@ setting fails the whole call with nothing run and nothing held.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -63,7 +63,9 @@ class LLM:
         if model_config is None:
             model = model if model is not None else demo.builtin_folder()
             model_config = ModelConfig.from_pretrained(model, dtype=_resolve_dtype(model, dtype))
-        max_model_len = max_model_len or model_config.max_position_embeddings
+        # `is None`, not `or`: an explicit 0 must reach the validation, not mean "default".
+        if max_model_len is None:
+            max_model_len = model_config.max_position_embeddings
         config = RunnerConfig(
             model_config=model_config,
             load_config=LoadConfig(load_format=load_format, seed=seed),
@@ -74,17 +76,25 @@ class LLM:
                                      attention_backend=attention_backend or _default_backend(kv_cache_dtype)),
             scheduler_config=SchedulerConfig(
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens or max(1024, max_num_seqs),
+                max_num_batched_tokens=(max(1024, max_num_seqs) if max_num_batched_tokens is None
+                                        else max_num_batched_tokens),
                 enable_chunked_prefill=enable_chunked_prefill),
             parallel_config=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                            data_parallel_size=data_parallel_size),
         )
-        self.runner = ModelRunner(config, params)
-        self.scheduler = Scheduler(config, self.runner.num_blocks)
+        # The tokenizer first: a bad one fails before any weight is loaded.
         if isinstance(tokenizer, str):
-            tokenizer = Tokenizer.from_folder(tokenizer)
+            folder = tokenizer
+            tokenizer = Tokenizer.from_folder(folder)
+            if tokenizer is None:  # named explicitly, so its absence is an error
+                raise ValueError(f"tokenizer: no tokenizer.json in {folder!r}")
         elif tokenizer is None and model_config.model is not None:
             tokenizer = Tokenizer.from_folder(model_config.model)
+        elif tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            raise ValueError(f"tokenizer: expected a folder path, a runner.tokenizer.Tokenizer or None, "
+                             f"got {type(tokenizer).__name__}")
+        self.runner = ModelRunner(config, params)
+        self.scheduler = Scheduler(config, self.runner.num_blocks)
         self.tokenizer: Tokenizer | None = tokenizer
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
@@ -175,7 +185,13 @@ class LLM:
         A prompt is a string (needs a tokenizer) or `{"prompt_token_ids": [...]}`.
         """
         self.runner.state.check_servable()
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        elif isinstance(prompts, Iterable) and not isinstance(prompts, (bytes, bytearray)):
+            prompts = list(prompts)
+        else:  # None, a number, bytes (which would iterate as ints): refused, named
+            raise ValueError(f"prompts: expected a string, a {{'prompt_token_ids': [...]}} dict, or a "
+                             f"list of them, got {type(prompts).__name__}")
         params_list = self._sampling_list(sampling_params, len(prompts))
         encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
         # Every prompt is checked before any request exists: a bad one fails the call with
@@ -192,6 +208,10 @@ class LLM:
             return [SamplingParams()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
+        if (not isinstance(sampling_params, Iterable)
+                or isinstance(sampling_params, (str, bytes, Mapping))):  # e.g. a dict of settings
+            raise ValueError(f"sampling_params: expected one SamplingParams or a list of {n} "
+                             f"(one per prompt), got {type(sampling_params).__name__}")
         params_list = list(sampling_params)
         if len(params_list) != n or not all(isinstance(p, SamplingParams) for p in params_list):
             raise ValueError(f"sampling_params: expected one SamplingParams or a list of {n} "

@@ -78,8 +78,17 @@ def safetensors_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: 'weight_map' must map "
+                                  f"tensor names to shard file names, got {str(weight_map)[:200]}")
+        # Shards are files of this folder: a name reaching elsewhere (a path, '..') is refused
+        # rather than read.
+        outside = [f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")]
+        if outside:
+            raise CheckpointError(f"{index} names shard {outside[0]!r}, which is not a file name in "
+                                  f"{str(folder)!r}; shards must lie in the checkpoint folder itself")
         files = [folder / f for f in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -98,9 +107,21 @@ def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, np.ndarray]]:
         try:
             with safe_open(file, framework="numpy") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, _read_tensor(f, name, file)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt safetensors file?)") from e
+
+
+def _read_tensor(f: Any, name: str, file: Path) -> np.ndarray:
+    """One tensor of an open safetensors file. Element types numpy has no dtype for (float8,
+    float4 and the like) fail inside safetensors with an AttributeError or TypeError: refused
+    here by name, like any other non-floating tensor."""
+    try:
+        return f.get_tensor(name)
+    except (AttributeError, TypeError) as e:
+        dtype = f.get_slice(name).get_dtype()
+        raise CheckpointError(f"tensor {name!r} in {file} has dtype {dtype}, which cannot be read "
+                              "(expected F32, F16, BF16 or F64)") from e
 
 
 def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *,
@@ -156,13 +177,19 @@ def _placements(cfg: ModelConfig, shardings: Params | None) -> dict[str, Any]:
 
 def _place(array: np.ndarray, dtype: jnp.dtype, name: str, check_finite: bool,
            sharding: Any) -> jax.Array:
-    # isfinite reads the array where it lies (bfloat16 included): no float32 copy.
-    if check_finite and not np.isfinite(array).all():
-        raise CheckpointError(f"tensor {name!r} holds NaN or infinite values "
-                              "(load_config.check_finite=False accepts them)")
     # A transposed view goes to the device as it is: the transfer lays it out row-major
     # faster than a numpy copy would (and a cast, when needed, keeps the view's order).
-    return put(array if array.dtype == dtype else array.astype(dtype), sharding)
+    converted = array.dtype != dtype
+    if converted:
+        # Cast before the finiteness check: a float64 value beyond float32's range becomes inf.
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = array.astype(dtype)
+    # isfinite reads the array where it lies (bfloat16 included): no float32 copy.
+    if check_finite and not np.isfinite(array).all():
+        raise CheckpointError(f"tensor {name!r} holds NaN or infinite values"
+                              f"{f' once converted to {np.dtype(dtype).name}' if converted else ''} "
+                              "(load_config.check_finite=False accepts them)")
+    return put(array, sharding)
 
 
 def _assemble(leaves: dict[str, jax.Array], cfg: ModelConfig, base: Params | None,

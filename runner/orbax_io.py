@@ -79,9 +79,15 @@ def restore_params(folder: str | Path, cfg: ModelConfig, shardings: Any = None) 
     abstract = abstract_params(cfg)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
-            stored = checkpointer.metadata(folder).item_metadata.tree
+            metadata = checkpointer.metadata(folder).item_metadata
         except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
-            raise CheckpointError(f"cannot read the orbax checkpoint in {str(folder)!r}: {e}") from e
+            raise CheckpointError(f"cannot read the orbax checkpoint in {str(folder)!r}: "
+                                  f"{type(e).__name__}: {e}") from e
+        if metadata is None:  # orbax logs a warning and returns no tree for unreadable metadata
+            raise CheckpointError(f"cannot read the orbax checkpoint in {str(folder)!r}: its tree "
+                                  "metadata (_METADATA) is missing or unreadable; the checkpoint is "
+                                  "incomplete or corrupt (write it again with save_params)")
+        stored = metadata.tree
         _check_tree(stored, abstract, folder)
         if shardings is None:
             default = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 # The most log-probabilities one position may ask for (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
+# The sampler holds settings as float32 and top_k as int32: larger values would become inf
+# (then NaN logits) or overflow when the batch is built, mid-generation.
+FLOAT32_MAX = 3.4028234663852886e38
+INT32_MAX = 2**31 - 1
 
 
 def _is_int(value: object) -> bool:
@@ -14,7 +19,13 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number float32 holds as a finite value (NaN and infinity are not numbers here)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 @dataclass(frozen=True)
@@ -55,11 +66,11 @@ class SamplingParams:
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "an int >= 1")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0 (0 means greedy)")
+            raise bad("temperature", "a finite number >= 0 (0 means greedy)")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "a number in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise bad("top_k", "an int >= 0 (0 or -1 disables it)")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT32_MAX:
+            raise bad("top_k", "an int in [-1, 2**31) (0 or -1 disables it)")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "a number in [0, 1]")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
@@ -68,17 +79,18 @@ class SamplingParams:
             if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "a number in [-2, 2]")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a number > 0 (1.0 disables it)")
+            raise bad("repetition_penalty", "a finite number > 0 (1.0 disables it)")
         if self.logit_bias is not None and not (
                 isinstance(self.logit_bias, Mapping)
                 and all(_is_int(k) and _is_number(v) for k, v in self.logit_bias.items())):
-            raise bad("logit_bias", "None or a dict of int token id -> number")
+            raise bad("logit_bias", "None or a dict of int token id -> finite number")
         object.__setattr__(self, "_stop_strings", self._validate_stop())
         if self.stop_token_ids is not None and not (
                 isinstance(self.stop_token_ids, Sequence) and all(_is_int(t) for t in self.stop_token_ids)):
             raise bad("stop_token_ids", "None or a list of int token ids")
-        if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", "a bool")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise bad("max_tokens", "an int >= 1")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:

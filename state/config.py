@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A real number (not a bool) that a float holds as a finite value: NaN, infinity and
+    ints too large for a float would reach the model as NaN or inf (or an OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -74,8 +86,8 @@ class RopeScaling:
     def __post_init__(self) -> None:
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and value > 0, "RopeScaling", name,
-                     f"expected a positive number, got {value!r}")
+            _require(_is_finite_number(value) and value > 0, "RopeScaling", name,
+                     f"expected a positive finite number, got {value!r}")
         _require(self.high_freq_factor > self.low_freq_factor, "RopeScaling", "high_freq_factor",
                  f"must exceed low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}")
         _check_positive_int("RopeScaling", "original_max_position_embeddings",
@@ -120,16 +132,23 @@ class ModelConfig:
                  f"unsupported {self.dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
         _require(isinstance(self.tie_word_embeddings, bool), name, "tie_word_embeddings",
                  f"expected a bool, got {self.tie_word_embeddings!r}")
-        _require(isinstance(self.rms_norm_eps, float) and self.rms_norm_eps > 0, name, "rms_norm_eps",
-                 f"expected a positive float, got {self.rms_norm_eps!r}")
-        _require(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, name, "rope_theta",
-                 f"expected a positive number, got {self.rope_theta!r}")
+        _require(isinstance(self.rms_norm_eps, float) and _is_finite_number(self.rms_norm_eps)
+                 and self.rms_norm_eps > 0, name, "rms_norm_eps",
+                 f"expected a positive finite float, got {self.rms_norm_eps!r}")
+        _require(_is_finite_number(self.rope_theta) and self.rope_theta > 0, name, "rope_theta",
+                 f"expected a positive finite number, got {self.rope_theta!r}")
         _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), name,
                  "rope_scaling", f"expected RopeScaling or None, got {self.rope_scaling!r}")
-        _require(self.model is None or isinstance(self.model, str), name, "model",
-                 f"expected a path string or None, got {self.model!r}")
-        _require(isinstance(self.eos_token_ids, tuple) and all(_is_int(t) for t in self.eos_token_ids),
-                 name, "eos_token_ids", f"expected a tuple of ints, got {self.eos_token_ids!r}")
+        # An empty path would name the working directory: weights would be read from there.
+        _require(self.model is None or (isinstance(self.model, str) and self.model != ""), name, "model",
+                 f"expected a non-empty path string or None, got {self.model!r}")
+        _require(self.bos_token_id is None or (_is_int(self.bos_token_id) and self.bos_token_id >= 0),
+                 name, "bos_token_id", f"expected None or a token id (an int >= 0), got {self.bos_token_id!r}")
+        _require(isinstance(self.eos_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.eos_token_ids),
+                 name, "eos_token_ids", f"expected a tuple of token ids (ints >= 0), got {self.eos_token_ids!r}")
+        # Read only by the dummy initialiser, so nothing else would catch a bad value early.
+        _require(_is_finite_number(self.initializer_range) and self.initializer_range >= 0, name,
+                 "initializer_range", f"expected a finite number >= 0, got {self.initializer_range!r}")
 
     @property
     def qk_norm(self) -> bool:
@@ -153,6 +172,9 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "auto") -> ModelConfig:
         """Read a Hugging Face `config.json`; refuse any feature this runner does not implement."""
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"model folder {str(path)!r} does not exist or is not a folder: "
+                                    "expected a Hugging Face model folder holding config.json")
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {str(path)!r}: expected a Hugging Face model folder")
@@ -168,16 +190,21 @@ class ModelConfig:
     def from_hf_dict(cls, hf: Mapping[str, Any], *, model: str | None = None,
                      dtype: str = "auto") -> ModelConfig:
         archs = hf.get("architectures") or []
-        if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+        if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architectures {archs!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         _reject_unimplemented(hf)
         try:
             hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+            rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+            if not isinstance(rope, Mapping):
+                raise ValueError(f"config.json field 'rope_parameters'/'rope_scaling': expected an object, "
+                                 f"got {rope!r}")
             if dtype == "auto":
                 dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
             eos = hf.get("eos_token_id")
             eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+            # Derived only from valid sizes; otherwise the record's validation names the bad one.
+            derived_head_dim = hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None
             return cls(
                 architecture=archs[0],
                 vocab_size=hf["vocab_size"],
@@ -186,17 +213,18 @@ class ModelConfig:
                 num_hidden_layers=hf["num_hidden_layers"],
                 num_attention_heads=heads,
                 num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=hf.get("head_dim") or hidden // heads,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                head_dim=hf.get("head_dim") or derived_head_dim,
+                # Not bool(): the string "false" is truthy and would tie the embeddings.
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
                 dtype=dtype,
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                rms_norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
+                rope_theta=_hf_float(rope, "rope_theta", _hf_float(hf, "rope_theta", 10000.0)),
                 rope_scaling=_rope_scaling(rope),
                 model=model,
                 max_position_embeddings=hf.get("max_position_embeddings", 4096),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
-                initializer_range=float(hf.get("initializer_range", 0.02)),
+                initializer_range=_hf_float(hf, "initializer_range", 0.02),
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks the required field {e.args[0]!r}") from e
@@ -243,8 +271,10 @@ def _reject_unimplemented(hf: Mapping[str, Any]) -> None:
         if hf.get(flag):
             problems.append(f"{flag}=true")
     layer_types = hf.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-        problems.append(f"layer_types other than 'full_attention': {sorted(set(layer_types))}")
+    if not isinstance(layer_types, list):
+        problems.append(f"layer_types={layer_types!r} (expected a list of 'full_attention')")
+    elif any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types other than 'full_attention': {sorted(set(map(str, layer_types)))}")
     if problems:
         raise ValueError("config.json uses features this runner does not implement: " + "; ".join(problems))
 
@@ -255,15 +285,33 @@ def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
         return None
     if kind != "llama3":
         raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'default', 'llama3'")
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if rope.get(k) is None]
+    if missing:
+        raise ValueError(f"llama3 rope scaling lacks {missing[0]!r}")
+    length = rope["original_max_position_embeddings"]
+    if isinstance(length, float) and length.is_integer():
+        length = int(length)  # e.g. 8192.0 written by a float-only exporter
+    return RopeScaling(
+        factor=_hf_float(rope, "factor", None, "rope_parameters"),
+        low_freq_factor=_hf_float(rope, "low_freq_factor", None, "rope_parameters"),
+        high_freq_factor=_hf_float(rope, "high_freq_factor", None, "rope_parameters"),
+        original_max_position_embeddings=length,
+    )
+
+
+def _hf_float(hf: Mapping[str, Any], key: str, default: Any, section: str = "") -> Any:
+    """`hf[key]` as a float (`default` when absent or null), or a ValueError naming the field."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    name = f"{section}.{key}" if section else key
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json field {name!r}: expected a number, got {value!r}")
     try:
-        return RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-        )
-    except KeyError as e:
-        raise ValueError(f"llama3 rope scaling lacks {e.args[0]!r}") from e
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"config.json field {name!r}: expected a finite number, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -277,7 +325,9 @@ class LoadConfig:
     def __post_init__(self) -> None:
         _require(self.load_format in LOAD_FORMATS, "LoadConfig", "load_format",
                  f"unknown {self.load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
-        _require(_is_int(self.seed), "LoadConfig", "seed", f"expected an int, got {self.seed!r}")
+        # jax.random.key takes a signed 64-bit seed and numpy's generators a non-negative one.
+        _require(_is_int(self.seed) and 0 <= self.seed < 2**63, "LoadConfig", "seed",
+                 f"expected an int in [0, 2**63), got {self.seed!r}")
         _require(isinstance(self.check_finite, bool), "LoadConfig", "check_finite",
                  f"expected a bool, got {self.check_finite!r}")
 

@@ -16,7 +16,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     cmd = [sys.executable, "-m", "runner", "bench", "--vocab-size", "512", "--hidden-size", "64",
            "--intermediate-size", "128", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
-           "--head-dim", "16", "--prompt-len", "16", "--max-tokens", "8", "--batch-sizes", "1", "4",
+           "--head-dim", "16", "--prompt-len", "16", "--max-tokens", "32", "--batch-sizes", "1", "4",
            "--repeats", "2", "--output", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

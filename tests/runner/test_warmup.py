@@ -37,14 +37,14 @@ def test_varied_workload_compiles_nothing_after_warmup(hf_checkpoint):
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from runner.compilation import CompileCounter, enable_persistent_cache
+    from runner.compilation import CompileCounter, enable_persistent_cache, persistent_cache_hits
     enable_persistent_cache(sys.argv[1])
     from runner import LLM, SamplingParams
     with CompileCounter() as c:
         llm = LLM(sys.argv[2], num_kv_blocks=16, block_size=4, max_model_len=32)
         llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=3),
                      use_tqdm=False)
-    print("COMPILES", c.count)
+    print("HITS", persistent_cache_hits(), "OF", c.count)
 """)
 
 
@@ -56,6 +56,10 @@ def test_persistent_cache_lets_a_second_process_skip_compilation(hf_checkpoint, 
                              capture_output=True, text=True, timeout=300,
                              env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
         assert out.returncode == 0, out.stderr[-2000:]
-        counts.append(int(out.stdout.split("COMPILES")[-1]))
+        hits, built = out.stdout.split("HITS")[-1].split("OF")
+        counts.append((int(hits), int(built)))
     assert any((tmp_path / "cache").iterdir())
-    assert counts[0] > 0 and counts[1] < counts[0], counts
+    # The first process builds every program; the second finds every one of them on disk.
+    (first_hits, first_built), (second_hits, second_built) = counts
+    assert first_hits == 0 and first_built > 0, counts
+    assert second_hits == second_built == first_built, counts
