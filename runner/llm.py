@@ -297,6 +297,9 @@ class LLM:
                     bar.update(len(finished))
         except BaseException:
             self.scheduler.abort_all()
+            # A step interrupted mid-flight may have lost the cache contents: no cached
+            # prefix can be trusted any more.
+            self.scheduler.reset_prefix_cache()
             raise
         finally:
             bar.close()

@@ -198,9 +198,18 @@ class ModelRunner:
         """The forward program on `batch`; the record takes the updated (donated) cache."""
         state = self._state
         state.check_servable()
-        hidden, kv_cache = forward_step(state.params, state.kv_cache, batch,
-                                        state.config.model_config.for_compile(),
-                                        state.config.cache_config.attention_backend)
+        try:
+            hidden, kv_cache = forward_step(state.params, state.kv_cache, batch,
+                                            state.config.model_config.for_compile(),
+                                            state.config.cache_config.attention_backend)
+        except BaseException:
+            # Interrupted after the cache was donated: the record would point at deleted
+            # buffers. Start over from an empty cache (its contents are lost either way;
+            # the engine drops its prefix cache when a call fails).
+            if any(leaf.is_deleted() for leaf in jax.tree.leaves(state.kv_cache)):
+                self._state = replace(state, kv_cache=allocate_kv_cache(
+                    state.config, state.num_blocks, state.kv_shardings))
+            raise
         # The old cache buffers were donated: the record must point at the new ones now.
         self._state = replace(state, kv_cache=kv_cache)
         return hidden

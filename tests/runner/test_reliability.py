@@ -855,3 +855,28 @@ def test_faults_in_a_row_then_a_full_batch(llm, snap, monkeypatch):
         assert_idle(llm)
     assert outputs(llm) == snap.outputs
     assert_idle(llm)
+
+
+def test_interrupt_inside_a_step_after_the_cache_was_donated(hf_checkpoint, monkeypatch):
+    """A KeyboardInterrupt raised once the step has taken the donated cache leaves the
+    runner with a fresh cache: the next call serves the same tokens."""
+    import runner.model_runner as model_runner
+    from runner import LLM, SamplingParams
+
+    folder, _ = hf_checkpoint("qwen3_tied")
+    llm = LLM(str(folder), num_kv_blocks=32, block_size=4, max_model_len=64)
+    prompt = {"prompt_token_ids": [5, 6, 7, 8, 9]}
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    real = model_runner.forward_step
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)  # consumes the donated cache
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_runner, "forward_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompt, greedy, use_tqdm=False)
+    monkeypatch.setattr(model_runner, "forward_step", real)
+    assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
+    assert llm.scheduler.pool.num_free_blocks == llm.runner.num_blocks
