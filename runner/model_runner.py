@@ -23,7 +23,7 @@ from runner.loader import load_params, validate_params
 from runner.prepare import BucketSizes, prepare_batch, prepare_sampling
 from runner.sampler import SamplerFlags, SamplingMetadata, prompt_logprobs, sample
 from runner.scheduler import SchedulerOutput
-from state.batch import Batch
+from state.batch import Batch, bucket
 from state.config import ModelConfig, RunnerConfig
 from state.kv_cache import KVCache, allocate_kv_cache, bytes_per_block, kv_cache_specs, resolve_num_blocks
 from state.params import Params
@@ -242,7 +242,8 @@ class ModelRunner:
         config = self._state.config
         batch, sizes = prepare_batch(out, config.cache_config.block_size,
                                      config.scheduler_config.max_num_seqs)
-        meta, flags = prepare_sampling(out, sizes.num_seqs, config.model_config.vocab_size)
+        meta, flags = prepare_sampling(out, sizes.num_seqs, config.model_config.vocab_size,
+                                       bucket(config.scheduler_config.max_model_len))
         hidden = self.run_forward(batch)
         sampled = self.run_sampler(select_rows(hidden, batch.logits_indices), meta, flags)
         chunk_logprobs = self._prompt_logprobs(out, hidden, sizes)

@@ -104,17 +104,22 @@ def _decode_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketS
     return batch, BucketSizes(B, Nb, B)
 
 
-def _pad_rows(rows: list[list[int]], fill: int, dtype: type) -> np.ndarray:
-    width = bucket(max((len(r) for r in rows), default=1))
+def _pad_rows(rows: list[list[int]], fill: int, dtype: type, width: int | None = None) -> np.ndarray:
+    width = width or bucket(max((len(r) for r in rows), default=1))
     out = np.full((len(rows), width), fill, dtype)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
     return out
 
 
-def prepare_sampling(out: SchedulerOutput, num_seqs: int,
-                     vocab_size: int) -> tuple[SamplingMetadata, SamplerFlags]:
-    """Per-row sampling settings, padded to `num_seqs` rows (padding rows are greedy)."""
+def prepare_sampling(out: SchedulerOutput, num_seqs: int, vocab_size: int,
+                     history_width: int | None = None) -> tuple[SamplingMetadata, SamplerFlags]:
+    """Per-row sampling settings, padded to `num_seqs` rows (padding rows are greedy).
+
+    `history_width` fixes the width of the token tables penalties read (the runner passes
+    the bucket of max_model_len): a width that followed each step's longest request would
+    compile a new sampler program for every combination of widths.
+    """
     requests = [s.request for s in out.scheduled]
     params = [r.sampling_params for r in requests]
     pad = num_seqs - len(requests)
@@ -139,8 +144,10 @@ def prepare_sampling(out: SchedulerOutput, num_seqs: int,
             values[i, :len(row)] = [v for _, v in row]
         meta["bias_values"] = values
     if any(p.uses_penalties for p in params):
-        meta["prompt_ids"] = _pad_rows([r.prompt_token_ids for r in requests] + [[]] * pad, vocab_size, np.int32)
-        meta["output_ids"] = _pad_rows([r.output_token_ids for r in requests] + [[]] * pad, vocab_size, np.int32)
+        meta["prompt_ids"] = _pad_rows([r.prompt_token_ids for r in requests] + [[]] * pad, vocab_size,
+                                       np.int32, history_width)
+        meta["output_ids"] = _pad_rows([r.output_token_ids for r in requests] + [[]] * pad, vocab_size,
+                                       np.int32, history_width)
         meta["presence_penalty"] = column([p.presence_penalty for p in params], 0.0, np.float32)
         meta["frequency_penalty"] = column([p.frequency_penalty for p in params], 0.0, np.float32)
         meta["repetition_penalty"] = column([p.repetition_penalty for p in params], 1.0, np.float32)

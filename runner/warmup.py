@@ -7,15 +7,17 @@ The shapes a step can have are known from the config alone (see `state.batch`):
                       means at least T/(2*block_size) blocks)
     decode forward    B in buckets(max_num_seqs), Nb in buckets(blocks per sequence)
     sampler           B in buckets(max_num_seqs) x the common switches: greedy, random,
-                      random with top-k/top-p, each with and without logprobs
+                      random with top-k/top-p, each with and without logprobs, and each
+                      with and without penalties (their token tables have a fixed width)
 
 Each is run once on an all-padding batch that writes nothing to the cache. Requests with
-penalties, logit_bias or min_tokens, and prompt logprobs, use programs compiled on their
-first use (their table widths vary with the request).
+logit_bias or min_tokens use programs compiled on their first use (their table width
+follows the number of biased tokens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from runner.model_runner import select_rows
 from runner.prepare import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, sampled_rows
 from runner.sampler import SamplerFlags, SamplingMetadata
 from runner.sampling_params import MAX_LOGPROBS
-from state.batch import Batch, buckets_up_to
+from state.batch import Batch, bucket, buckets_up_to
 from state.config import RunnerConfig
 from state.kv_cache import blocks_per_seq
 
@@ -79,9 +81,17 @@ def sampler_inputs(config: RunnerConfig) -> Iterator[tuple[int, SamplingMetadata
             temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
             top_p=np.ones(B, np.float32), min_p=np.zeros(B, np.float32),
             seeds=np.zeros(B, np.uint32), counters=np.zeros(B, np.int32))
+        width = bucket(config.scheduler_config.max_model_len)
+        vocab = config.model_config.vocab_size
+        penalised = dataclasses.replace(
+            meta, prompt_ids=np.full((B, width), vocab, np.int32),
+            output_ids=np.full((B, width), vocab, np.int32), presence_penalty=np.zeros(B, np.float32),
+            frequency_penalty=np.zeros(B, np.float32), repetition_penalty=np.ones(B, np.float32))
         for greedy, sort in ((True, False), (False, False), (False, True)):
             for num_logprobs in (0, MAX_LOGPROBS):
-                yield B, meta, SamplerFlags(all_greedy=greedy, needs_sort=sort, num_logprobs=num_logprobs)
+                flags = SamplerFlags(all_greedy=greedy, needs_sort=sort, num_logprobs=num_logprobs)
+                yield B, meta, flags
+                yield B, penalised, flags
 
 
 def warmup(runner) -> WarmupReport:

@@ -23,7 +23,9 @@ def test_varied_workload_compiles_nothing_after_warmup(hf_checkpoint):
     rng = np.random.default_rng(0)
     settings = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
                 SamplingParams(temperature=0.8, seed=3, max_tokens=5, ignore_eos=True),
-                SamplingParams(temperature=1.0, top_p=0.9, top_k=5, max_tokens=7, logprobs=2, ignore_eos=True)]
+                SamplingParams(temperature=1.0, top_p=0.9, top_k=5, max_tokens=7, logprobs=2, ignore_eos=True),
+                SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5, max_tokens=6,
+                               ignore_eos=True)]
     with CompileCounter() as compiles:
         for round_ in range(4):
             n = int(rng.integers(1, 7))
