@@ -34,11 +34,6 @@ class CheckpointError(ValueError):
     """A checkpoint (folder, file or tensor) is missing, malformed or does not fit the model."""
 
 
-def put(array: Any, sharding: Any) -> jax.Array:
-    """`array` on `sharding` (None: JAX's default device)."""
-    return jax.device_put(array, sharding)
-
-
 def resolve_format(config: RunnerConfig) -> str:
     """The concrete format `auto` stands for, given the folder's contents."""
     fmt = config.load_config.load_format
@@ -140,7 +135,7 @@ def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *
         CheckpointError: an unexpected, duplicate, missing or wrongly shaped tensor.
     """
     specs = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_specs(cfg))[0]}
-    placed = _placements(cfg, shardings)
+    placed = _placements(shardings)
     leaves: dict[str, jax.Array] = {}
     for name, array in named:
         try:
@@ -169,7 +164,7 @@ def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *
     return _assemble(leaves, cfg, base, placed)
 
 
-def _placements(cfg: ModelConfig, shardings: Params | None) -> dict[str, Any]:
+def _placements(shardings: Params | None) -> dict[str, Any]:
     if shardings is None:
         return {}
     return {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
@@ -189,7 +184,7 @@ def _place(array: np.ndarray, dtype: jnp.dtype, name: str, check_finite: bool,
         raise CheckpointError(f"tensor {name!r} holds NaN or infinite values"
                               f"{f' once converted to {np.dtype(dtype).name}' if converted else ''} "
                               "(load_config.check_finite=False accepts them)")
-    return put(array, sharding)
+    return jax.device_put(array, sharding)
 
 
 def _assemble(leaves: dict[str, jax.Array], cfg: ModelConfig, base: Params | None,
@@ -204,7 +199,7 @@ def _assemble(leaves: dict[str, jax.Array], cfg: ModelConfig, base: Params | Non
             raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {shown} "
                                   "(a reload of only some tensors needs weights already loaded)")
         # FP8 KV scales a checkpoint omits are 1.0: values are stored unscaled.
-        fill = {p: put(np.ones((), np.float32), placed.get(p)) for p in paths if p not in leaves}
+        fill = {p: jax.device_put(np.ones((), np.float32), placed.get(p)) for p in paths if p not in leaves}
     else:
         fill = dict(zip(paths, jax.tree.leaves(base)))
     treedef = jax.tree.structure(abstract)
