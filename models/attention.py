@@ -113,6 +113,6 @@ def decode_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Ar
 def paged_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
                     v_scale: jax.Array) -> jax.Array:
     """The reader the batch was prepared for (its structure is static under jit)."""
-    if batch.block_tables is not None:
+    if batch.is_decode:
         return decode_attention(q, cache, batch, k_scale, v_scale)
     return flat_attention(q, cache, batch, k_scale, v_scale)

@@ -36,8 +36,8 @@ _COMPILED = tuple((re.compile(p + r"\Z"), leaf, t) for p, leaf, t in NAME_MAP)
 # Leaves a checkpoint may omit: FP8 KV scales default to 1.0 (only FP8-KV checkpoints carry them).
 OPTIONAL_LEAF_SUFFIXES = (".k_scale", ".v_scale")
 
-# Names that carry no weights of ours: skipped, never an error.
-_IGNORED = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq\Z"),)
+# Names that carry no weights of ours (RoPE tables the model recomputes): skipped.
+_INV_FREQ = re.compile(r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq\Z")
 
 
 def leaf_for(name: str, cfg: ModelConfig) -> tuple[str, bool] | None:
@@ -46,7 +46,8 @@ def leaf_for(name: str, cfg: ModelConfig) -> tuple[str, bool] | None:
     Raises:
         KeyError: the name is not a tensor of this architecture.
     """
-    if any(p.match(name) for p in _IGNORED):
+    inv_freq = _INV_FREQ.match(name)
+    if inv_freq is not None and int(inv_freq.group(1)) < cfg.num_hidden_layers:
         return None
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
         return None  # tied: the embedding leaf is the output projection
@@ -64,6 +65,13 @@ def leaf_for(name: str, cfg: ModelConfig) -> tuple[str, bool] | None:
         return leaf, transpose
     raise KeyError(f"unexpected tensor {name!r}: not a weight of a {cfg.num_hidden_layers}-layer "
                    f"{cfg.architecture}")
+
+
+def skipped_shape(name: str, cfg: ModelConfig) -> tuple[int, ...] | None:
+    """The shape a name `leaf_for` skips must have, where the model implies one."""
+    if name == "lm_head.weight":
+        return (cfg.vocab_size, cfg.hidden_size)  # a tied copy of the embedding
+    return None
 
 
 def checkpoint_name(leaf: str) -> tuple[str, bool]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from models.rope import apply_rope, rope_tables
@@ -100,3 +101,9 @@ class CausalLM(nnx.Module):
         if self.lm_head is None:
             return self.embed_tokens.attend(x).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
+
+
+def next_token_loss(model: CausalLM, tokens: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting `tokens[:, 1:]` from `tokens[:, :-1]` ([B, T+1] ids)."""
+    logits = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()

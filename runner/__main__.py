@@ -28,16 +28,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from runner import bench
+# Workload fields the bench command sets; unset ones keep W1's values (`runner.bench.Workload`).
+WORKLOAD_FLAGS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "head_dim", "dtype", "prompt_len", "max_tokens", "batch_sizes",
+                  "repeats")
 
-    w = bench.Workload(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size, num_layers=args.num_layers,
-        num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-        dtype=args.dtype, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
-        batch_sizes=tuple(args.batch_sizes), repeats=args.repeats)
-    bench.run(w, model=args.model, reference=not args.no_reference, output=args.output)
+
+def _bench(args: argparse.Namespace) -> int:
+    from runner import bench  # here, not at the top: `generate` never loads benchmark code
+
+    given = {name: getattr(args, name) for name in WORKLOAD_FLAGS if getattr(args, name) is not None}
+    if "batch_sizes" in given:
+        given["batch_sizes"] = tuple(given["batch_sizes"])
+    bench.run(bench.Workload(**given), model=args.model, reference=not args.no_reference,
+              output=args.output)
     return 0
 
 
@@ -61,18 +65,14 @@ def main(argv: list[str] | None = None) -> int:
                      help="persistent compilation cache directory (a second run starts faster)")
     gen.set_defaults(func=_generate)
 
-    from runner.bench import Workload
-    w = Workload()
-    b = commands.add_parser("bench", help="workload W1 on this runner and on transformers, side by side")
+    b = commands.add_parser("bench", help="workload W1 on this runner and on transformers, side by side "
+                                          "(every workload flag defaults to W1's value)")
     b.add_argument("--model", default=None, help="HF folder to benchmark instead of W1's random weights")
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=list(w.batch_sizes))
-    b.add_argument("--prompt-len", type=int, default=w.prompt_len)
-    b.add_argument("--max-tokens", type=int, default=w.max_tokens)
-    b.add_argument("--repeats", type=int, default=w.repeats)
-    b.add_argument("--dtype", default=w.dtype, choices=["float32", "bfloat16"])
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim"):
-        b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(w, name))
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    for name in WORKLOAD_FLAGS:
+        if name not in ("batch_sizes", "dtype"):
+            b.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     b.add_argument("--no-reference", action="store_true", help="skip transformers")
     b.add_argument("--output", default="bench.json", help="JSON report path")
     b.set_defaults(func=_bench)

@@ -32,6 +32,7 @@ from runner.compilation import CompileCounter
 from runner.llm import LLM
 from runner.loader import dummy_params
 from runner.sampling_params import SamplingParams
+from state.batch import cdiv
 from state.config import ModelConfig
 from state.params import param_bytes
 
@@ -153,7 +154,7 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
             folder = save_pretrained(Path(tmp) / "w1", params, cfg)
         else:
             folder = Path(model)
-        blocks_per_seq = -(-max_len // 16)
+        blocks_per_seq = cdiv(max_len, 16)
         llm = LLM(str(folder), dtype=w.dtype, max_model_len=max_len,
                   num_kv_blocks=blocks_per_seq * max(w.batch_sizes) + 1,
                   max_num_seqs=max(w.batch_sizes), enable_prefix_caching=False)

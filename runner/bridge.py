@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from models.checkpoint import OPTIONAL_LEAF_SUFFIXES, checkpoint_name
-from runner.loader import CheckpointError, validate_params
+from models.checkpoint import checkpoint_name
+from runner.param_tree import CheckpointError, Tensor, assemble, validate_params
 from runner.tokenizer import Tokenizer
 from state.config import ModelConfig
-from state.params import Params, abstract_params, leaf_paths, path_str
+from state.params import Params, leaf_paths, path_str
 
 # Flax parameter path (as `nnx.state(model, nnx.Param)` flattens it) -> runner leaf path.
 # Flax kernels are already [in, out], the runner's layout: no transposes.
@@ -68,29 +68,18 @@ def params_from_named(named: Iterable[tuple[str, Any]], model_config: ModelConfi
     keep their dtype and placement and are validated, never converted silently.
     """
     table = [(re.compile(pattern + r"\Z"), leaf) for pattern, leaf in name_map.items()]
-    leaves: dict[str, Any] = {}
+    return assemble(_mapped(named, table), model_config, copy=False, source="parameter tree")
+
+
+def _mapped(named: Iterable[tuple[str, Any]], table: list[tuple[re.Pattern, str]]) -> Iterator[Tensor]:
     for name, array in named:
         for pattern, template in table:
             m = pattern.match(name)
             if m is not None:
-                leaf = template.format(*m.groups())
+                yield Tensor(template.format(*m.groups()), array, f"parameter {name!r}")
                 break
         else:
             raise CheckpointError(f"parameter {name!r} matches no entry of the name map")
-        if leaf in leaves:
-            raise CheckpointError(f"two parameters map to leaf {leaf!r} (the second is {name!r})")
-        leaves[leaf] = array
-    abstract = abstract_params(model_config)
-    paths = leaf_paths(abstract)
-    missing = [p for p in paths if p not in leaves and not p.endswith(OPTIONAL_LEAF_SUFFIXES)]
-    unknown = sorted(set(leaves) - set(paths))
-    if missing or unknown:
-        raise CheckpointError(f"parameters do not fit the model: missing leaves {missing[:8]}, "
-                              f"leaves it does not have {unknown[:8]}")
-    ones = jnp.ones((), jnp.float32)
-    params = jax.tree.unflatten(jax.tree.structure(abstract), [leaves.get(p, ones) for p in paths])
-    validate_params(params, model_config)
-    return params
 
 
 def params_from_flax(model: Any, model_config: ModelConfig,

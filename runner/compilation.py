@@ -59,10 +59,6 @@ class CompileCounter:
     def __exit__(self, *exc: object) -> None:
         self.count = compile_count() - self._start
 
-    @property
-    def so_far(self) -> int:
-        return compile_count() - self._start
-
 
 def enable_persistent_cache(directory: str | Path) -> None:
     """Keep compiled programs on disk so a second process skips compilation.

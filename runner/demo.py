@@ -1,7 +1,7 @@
 """The built-in model: what `LLM()` and `python -m runner generate` serve with no model.
 
 A small Qwen3-architecture model trained on Python's standard library and its pydoc
-topics (`python -m models.builtin.train`, see `models/builtin/TRAINING.md`), shipped in
+topics (`python -m tools.train_builtin`, see `models/builtin/TRAINING.md`), shipped in
 Hugging Face layout inside the package.
 """
 
@@ -18,5 +18,5 @@ def builtin_folder() -> str:
     """The folder holding the built-in model's config.json, weights and tokenizer.json."""
     if not (BUILTIN_FOLDER / "model.safetensors").is_file():
         raise FileNotFoundError(f"the built-in model is missing from {BUILTIN_FOLDER}; "
-                                "recreate it with `python -m models.builtin.train`")
+                                "recreate it with `python -m tools.train_builtin`")
     return str(BUILTIN_FOLDER)

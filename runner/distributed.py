@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -96,3 +96,19 @@ def _default_platform() -> str:
     if importlib.util.find_spec("libtpu") is not None:
         return "tpu"
     return "cpu"
+
+
+def call_everywhere(name: str, call: Callable[[], Any]) -> list:
+    """Run `call` in this process (every process makes the same call) and gather every
+    process's result, in process order. A failure in any process raises in all of them."""
+    try:
+        result, error = call(), None
+    except Exception as e:  # noqa: BLE001 - raised below, once every process has reported
+        result, error = None, e
+    gathered = allgather_objects((result, None if error is None else repr(error)))
+    if error is not None:
+        raise error
+    failed = [(i, e) for i, (_, e) in enumerate(gathered) if e is not None]
+    if failed:
+        raise RuntimeError(f"collective_rpc({name!r}) failed in process {failed[0][0]}: {failed[0][1]}")
+    return [r for r, _ in gathered]

@@ -1,8 +1,11 @@
 """Lifecycle operations: each maps a `RunnerState` to a new one, or raises leaving it valid.
 
-    update_config  new config record; refuses changes a running runner cannot apply
+    create         the first record: device mesh, weights on their shardings, KV cache
+    update_config  new config record; refuses what the field's `Effect` says a running
+                   runner cannot apply
     reload_weights new parameter tree, validated in full before it replaces the old one
     sleep          level 1: weights to host memory, KV freed; level 2: both freed
+                   (`release` then deletes the old record's buffers, once it is swapped out)
     wake_up        restore "weights" and/or "kv_cache" on their original shardings (after
                    level 2 the weights come back empty: reload_weights fills them)
 
@@ -20,42 +23,85 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from runner.loader import CheckpointError, load_params, params_from_checkpoint, validate_params
-from state.config import Effect, ModelConfig, RunnerConfig, update_config as merge_config
-from state.kv_cache import kv_cache_specs
-from state.params import Params, abstract_params, leaf_paths, replace_leaf
+from runner import distributed, sharding
+from runner.loader import load_params, params_from_checkpoint
+from runner.param_tree import CheckpointError, assemble, leaf_tensors, tree_tensors
+from state.config import Effect, ModelConfig, RunnerConfig, changed_fields
+from state.config import update_config as merge_config
+from state.kv_cache import allocate_kv_cache, bytes_per_block, kv_cache_specs, resolve_num_blocks
+from state.params import Params, abstract_params
 from state.runner_state import RunnerState
 
-RUNTIME_SECTIONS = ("load_config", "model_config")
 SLEEP_TAGS = ("weights", "kv_cache")
+# What a running runner cannot apply, by the field's effect, and why.
+REFUSED_EFFECTS = {Effect.RESTART: "changes parameter shapes or the device mesh",
+                   Effect.REALLOCATE: "changes the KV cache layout"}
+
+
+def create(config: RunnerConfig, params: Params | None = None) -> RunnerState:
+    """The first record of a runner.
+
+    Builds the device mesh of `config.parallel_config`, places the weights on their
+    shardings (loading them straight there, or copying a caller's tree there, so the
+    caller keeps its own arrays) and allocates the KV cache on its shardings.
+    """
+    mesh = sharding.make_mesh(config.parallel_config)
+    param_shardings = sharding.param_shardings(config.model_config, mesh)
+    if params is None:
+        params = load_params(config, param_shardings)
+    else:
+        params = assemble(tree_tensors(params, config.model_config), config.model_config,
+                          shardings=param_shardings, check_finite=config.load_config.check_finite)
+    num_blocks = resolve_num_blocks(config, _free_kv_bytes(config, mesh))
+    # Every process must allocate the same cache (they run one program): the smallest.
+    num_blocks = min(distributed.allgather_objects(num_blocks))
+    kv_shardings = sharding.kv_cache_shardings(config, mesh, num_blocks)
+    return RunnerState(config=config, params=params,
+                       kv_cache=allocate_kv_cache(config, num_blocks, kv_shardings),
+                       num_blocks=num_blocks, param_shardings=param_shardings,
+                       kv_shardings=kv_shardings)
+
+
+def free_device_bytes(device: jax.Device | None = None) -> int | None:
+    """Free memory of `device` (default: this process's first), when its backend reports it
+    (GPUs do, CPUs do not)."""
+    stats = (device or jax.local_devices()[0]).memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def _free_kv_bytes(config: RunnerConfig, mesh: jax.sharding.Mesh) -> int | None:
+    """KV bytes the devices can hold, counted as whole blocks (all KV heads): one device's
+    free memory (measured after the weights were placed, so already without them), times
+    the number of devices each block is split over."""
+    free = free_device_bytes(next(d for d in mesh.devices.flat if d.process_index == jax.process_index()))
+    if free is None:
+        return None
+    kv = kv_cache_specs(config, 1)
+    per_device = sharding.per_device_bytes(jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), kv,
+        sharding.kv_cache_shardings(config, mesh, 1)))
+    return free * bytes_per_block(config) // per_device
 
 
 def update_config(state: RunnerState, overrides: dict[str, Any]) -> RunnerState:
-    """Merge `overrides` into the config; only what a running runner can apply is allowed.
+    """Merge `overrides` into the config; a field whose `Effect` a running runner cannot
+    apply (RESTART, REALLOCATE: see `state.describe_effects()`) is refused.
 
     Raises:
-        ValueError: a section other than load_config/model_config, an unknown field, an
-            invalid value, or a field whose change needs a new runner (named, with why).
+        ValueError: an unknown section or field, an invalid value, or a field whose change
+            needs a new runner (named, with why).
     """
     if not isinstance(overrides, dict):
         raise ValueError(f"overrides must be a dict of sections, got {type(overrides).__name__}")
-    for section in overrides:
-        if section not in RUNTIME_SECTIONS:
-            raise ValueError(f"Config override {section!r} is not supported. "
-                             f"Supported configs: {', '.join(RUNTIME_SECTIONS)}")
     new = merge_config(state.config, overrides)
-    for section in overrides:
-        old_record, new_record = getattr(state.config, section), getattr(new, section)
-        for f in dataclasses.fields(old_record):
-            effect = f.metadata["effect"]
-            changed = getattr(old_record, f.name) != getattr(new_record, f.name)
-            if changed and effect in (Effect.RESTART, Effect.REALLOCATE):
-                raise ValueError(f"{section}.{f.name} cannot change on a running runner (it "
-                                 f"{'changes parameter shapes' if effect is Effect.RESTART else 'changes the KV cache layout'}); "
-                                 "build a new LLM with the new value")
+    for name, effect in changed_fields(state.config, new):
+        if effect in REFUSED_EFFECTS:
+            raise ValueError(f"{name} cannot change on a running runner (it {REFUSED_EFFECTS[effect]}); "
+                             "build a new LLM with the new value")
     return dataclasses.replace(state, config=new)
 
 
@@ -90,15 +136,15 @@ def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None
     # the other leaves from.
     base = None if state.weights_stale else state.params
     if params is not None:
-        validate_params(params, cfg, check_finite=check_finite)
-        new_params = jax.tree.map(_copy_leaf, params, target)
+        new_params = assemble(tree_tensors(params, cfg), cfg, shardings=target, check_finite=check_finite)
     elif weights_iterator is not None:
         pairs = _pairs(weights_iterator)
         if is_checkpoint_format:
             new_params = params_from_checkpoint(pairs, cfg, base=base, check_finite=check_finite,
                                                 shardings=target)
         else:
-            new_params = _params_from_leaves(pairs, cfg, base, target, check_finite)
+            new_params = assemble(leaf_tensors(pairs), cfg, base=base, shardings=target,
+                                  check_finite=check_finite, source="weight source")
     else:
         if weights_path is not None:
             config = _point_at(config, weights_path)
@@ -109,7 +155,6 @@ def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None
         if config.model_config.model is not None:
             _check_same_model(config, Path(config.model_config.model))
         new_params = load_params(config, target)
-    validate_params(new_params, cfg, check_finite=False)
     return dataclasses.replace(state, config=config, params=new_params, host_params=None,
                                weights_stale=False)
 
@@ -165,45 +210,6 @@ def _pairs(items: Iterable[Any] | Mapping[str, Any]) -> Iterator[tuple[str, Any]
         yield item[0], item[1]
 
 
-def _params_from_leaves(named: Iterable[tuple[str, Any]], cfg: ModelConfig, base: Params | None,
-                        target: Params, check_finite: bool) -> Params:
-    """A tree from (leaf path, array) pairs already in the runner's layout."""
-    abstract = abstract_params(cfg)
-    specs = dict(zip(leaf_paths(abstract), jax.tree.leaves(abstract)))
-    placement = dict(zip(leaf_paths(abstract), jax.tree.leaves(target)))
-    tree = base if base is not None else abstract
-    seen = set()
-    for path, array in named:
-        if path not in specs:
-            raise CheckpointError(f"unexpected leaf {path!r} (is_checkpoint_format=False takes the "
-                                  f"runner's leaf paths, such as 'embed', 'layers.0.wq')")
-        if path in seen:
-            raise CheckpointError(f"leaf {path!r} appears twice")
-        seen.add(path)
-        if not hasattr(array, "shape") or not hasattr(array, "dtype"):
-            array = np.asarray(array)
-        spec = specs[path]
-        if tuple(array.shape) != spec.shape or array.dtype != spec.dtype:
-            raise CheckpointError(f"leaf {path!r} is {array.dtype}{list(array.shape)}; "
-                                  f"expected {spec.dtype}{list(spec.shape)}")
-        if check_finite and not bool(np.isfinite(array).all() if isinstance(array, np.ndarray)
-                                     else jnp.isfinite(array).all()):
-            raise CheckpointError(f"leaf {path!r} holds NaN or infinite values "
-                                  "(load_config.check_finite=False accepts them)")
-        tree = replace_leaf(tree, path, _copy_leaf(array, placement[path]))
-    missing = [p for p in specs if p not in seen] if base is None else []
-    if missing:
-        raise CheckpointError(f"weights lack {len(missing)} leaf(s): {', '.join(missing[:8])} "
-                              "(a reload of only some leaves needs weights already loaded)")
-    return tree
-
-
-def _copy_leaf(array: Any, sharding: Any) -> jax.Array:
-    """A private copy of `array` on `sharding`: sleep deletes the runner's buffers, so they
-    must never be a caller's."""
-    return jax.device_put(array, sharding, may_alias=False)
-
-
 def _to_host(array: jax.Array) -> list[tuple[jax.Device, np.ndarray]]:
     """The shards of `array` this process holds, in host memory (works across processes,
     where a whole-array read would need shards other processes own)."""
@@ -222,8 +228,11 @@ def sleep(state: RunnerState, level: int = 1) -> RunnerState:
 
     Raises:
         ValueError: a level other than 1 or 2.
-        RuntimeError: something is asleep already.
+        RuntimeError: sleep mode is off (`enable_sleep_mode=False`), or something is
+            asleep already.
     """
+    if not state.config.cache_config.enable_sleep_mode:
+        raise RuntimeError("sleep mode is not enabled: build the LLM with enable_sleep_mode=True")
     if level not in (1, 2) or isinstance(level, bool):
         raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
     if state.sleeping:
@@ -232,9 +241,18 @@ def sleep(state: RunnerState, level: int = 1) -> RunnerState:
     # Weights woken from level 2 and not reloaded yet hold nothing worth keeping.
     keep = level == 1 and state.params is not None
     host = jax.tree.map(_to_host, state.params) if keep else None
-    for leaf in jax.tree.leaves((state.params, state.kv_cache)):
-        leaf.delete()
     return dataclasses.replace(state, params=None, kv_cache=None, host_params=host, weights_stale=False)
+
+
+def release(old: RunnerState) -> None:
+    """Free the device buffers of a record that `sleep` replaced.
+
+    Called only once the new record is in place: an interrupt here leaves a runner that
+    is asleep and whole (the host copy was taken first); buffers not deleted yet are
+    freed when the old record is dropped.
+    """
+    for leaf in jax.tree.leaves((old.params, old.kv_cache)):
+        leaf.delete()
 
 
 def wake_up(state: RunnerState, tags: list[str] | tuple[str, ...] | str | None = None) -> RunnerState:
@@ -272,7 +290,5 @@ def wake_up(state: RunnerState, tags: list[str] | tuple[str, ...] | str | None =
         else:
             changes["weights_stale"] = True
     if "kv_cache" in tags:
-        specs = kv_cache_specs(state.config, state.num_blocks)
-        changes["kv_cache"] = jax.tree.map(lambda s, sh: jnp.zeros(s.shape, s.dtype, device=sh),
-                                           specs, state.kv_shardings)
+        changes["kv_cache"] = allocate_kv_cache(state.config, state.num_blocks, state.kv_shardings)
     return dataclasses.replace(state, **changes)

@@ -22,16 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from models.checkpoint import OPTIONAL_LEAF_SUFFIXES, checkpoint_name, leaf_for, to_leaf_layout
+from models.checkpoint import leaf_for, skipped_shape
+from runner import orbax_io
+from runner.param_tree import CheckpointError, Tensor, assemble
 from state.config import ModelConfig, RunnerConfig
-from state.params import Params, abstract_params, leaf_paths, param_specs, path_str
+from state.params import Params, param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (folder, file or tensor) is missing, malformed or does not fit the model."""
 
 
 def resolve_format(config: RunnerConfig) -> str:
@@ -42,7 +40,7 @@ def resolve_format(config: RunnerConfig) -> str:
     folder = _model_folder(config.model_config)
     if (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors")):
         return "safetensors"
-    if (folder / "_CHECKPOINT_METADATA").exists() or (folder / "_METADATA").exists():
+    if orbax_io.is_orbax_folder(folder):
         return "orbax"
     _refuse_pickle(folder)
     raise CheckpointError(f"no weights in {str(folder)!r}: expected *.safetensors files "
@@ -119,91 +117,54 @@ def _read_tensor(f: Any, name: str, file: Path) -> np.ndarray:
                               "(expected F32, F16, BF16 or F64)") from e
 
 
-def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *,
-                           base: Params | None = None, check_finite: bool = True,
-                           shardings: Params | None = None) -> Params:
-    """Build a tree from `(checkpoint name, array)` pairs in HF layout.
+def checkpoint_tensors(named: Iterable[tuple[str, Any]], cfg: ModelConfig) -> Iterator[Tensor]:
+    """`(checkpoint name, array)` pairs in HF layout as leaf `Tensor`s, through the name
+    table of `models.checkpoint`.
 
-    Args:
-        named: the tensors; names go through `models.checkpoint.NAME_MAP`.
-        cfg: the architecture the tensors must fit.
-        base: when given, a subset of names is allowed: the other leaves come from `base`.
-        check_finite: refuse tensors holding NaN or infinity.
-        shardings: per-leaf shardings to place each tensor on as it is read.
+    Names that carry no weights of ours are skipped, each at most once and only in the
+    shape the model would give them: an iterator repeating them forever ends in an error.
 
     Raises:
-        CheckpointError: an unexpected, duplicate, missing or wrongly shaped tensor.
+        CheckpointError: a name that is not a tensor of this model, or a skipped name that
+            repeats or has the wrong shape.
     """
-    specs = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_specs(cfg))[0]}
-    placed = _placements(shardings)
-    leaves: dict[str, jax.Array] = {}
+    skipped: set[str] = set()
     for name, array in named:
         try:
             target = leaf_for(name, cfg)
         except KeyError as e:
             raise CheckpointError(e.args[0]) from None
         if target is None:
+            if name in skipped:
+                raise CheckpointError(f"tensor {name!r} appears twice")
+            skipped.add(name)
+            expected, shape = skipped_shape(name, cfg), tuple(getattr(array, "shape", ()))
+            if expected is not None and shape != expected:
+                raise CheckpointError(f"tensor {name!r} has shape {shape}; expected {expected}")
             continue
         leaf, transpose = target
-        if leaf in leaves:
-            raise CheckpointError(f"tensor {name!r} appears twice")
-        array = np.asarray(array)
-        spec = specs[leaf]
-        if array.dtype.kind not in "fV" and str(array.dtype) != "bfloat16":
-            raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}; expected a floating type")
-        expected = spec.shape[::-1] if transpose else spec.shape  # in checkpoint layout
-        if leaf.endswith(OPTIONAL_LEAF_SUFFIXES) and array.size == 1:
-            array = array.reshape(())  # FP8 exporters write KV scales as [] or [1]
-        if array.shape != expected:
-            raise CheckpointError(f"tensor {name!r} has shape {array.shape}; expected {expected}")
-        if leaf.endswith(OPTIONAL_LEAF_SUFFIXES) and not float(array) > 0:
-            raise CheckpointError(f"tensor {name!r} is {float(array)}; a KV cache scale must be "
-                                  "a positive number (the cache stores values divided by it)")
-        array = to_leaf_layout(array, transpose)
-        leaves[leaf] = _place(array, spec.dtype, name, check_finite, placed.get(leaf))
-    return _assemble(leaves, cfg, base, placed)
+        yield Tensor(leaf, array, f"tensor {name!r}", transpose)
 
 
-def _placements(shardings: Params | None) -> dict[str, Any]:
-    if shardings is None:
-        return {}
-    return {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *,
+                           base: Params | None = None, check_finite: bool = True,
+                           shardings: Params | None = None, copy: bool = True) -> Params:
+    """Build a tree from `(checkpoint name, array)` pairs in HF layout.
 
+    Args:
+        named: the tensors; names go through `models.checkpoint.NAME_MAP`, floating dtypes
+            are cast to the model's.
+        cfg: the architecture the tensors must fit.
+        base: when given, a subset of names is allowed: the other leaves come from `base`.
+        check_finite: refuse tensors holding NaN or infinity.
+        shardings: per-leaf shardings to place each tensor on as it is read.
+        copy: the arrays are a caller's (False for arrays this process just read).
 
-def _place(array: np.ndarray, dtype: jnp.dtype, name: str, check_finite: bool,
-           sharding: Any) -> jax.Array:
-    # A transposed view goes to the device as it is: the transfer lays it out row-major
-    # faster than a numpy copy would (and a cast, when needed, keeps the view's order).
-    converted = array.dtype != dtype
-    if converted:
-        # Cast before the finiteness check: a float64 value beyond float32's range becomes inf.
-        with np.errstate(over="ignore", invalid="ignore"):
-            array = array.astype(dtype)
-    # isfinite reads the array where it lies (bfloat16 included): no float32 copy.
-    if check_finite and not np.isfinite(array).all():
-        raise CheckpointError(f"tensor {name!r} holds NaN or infinite values"
-                              f"{f' once converted to {np.dtype(dtype).name}' if converted else ''} "
-                              "(load_config.check_finite=False accepts them)")
-    return jax.device_put(array, sharding)
-
-
-def _assemble(leaves: dict[str, jax.Array], cfg: ModelConfig, base: Params | None,
-              placed: dict[str, Any]) -> Params:
-    abstract = abstract_params(cfg)
-    paths = leaf_paths(abstract)
-    if base is None:
-        missing = [p for p in paths if p not in leaves and not p.endswith(OPTIONAL_LEAF_SUFFIXES)]
-        if missing:
-            names = [f"{p} ({checkpoint_name(p)[0]})" for p in missing]
-            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-            raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {shown} "
-                                  "(a reload of only some tensors needs weights already loaded)")
-        # FP8 KV scales a checkpoint omits are 1.0: values are stored unscaled.
-        fill = {p: jax.device_put(np.ones((), np.float32), placed.get(p)) for p in paths if p not in leaves}
-    else:
-        fill = dict(zip(paths, jax.tree.leaves(base)))
-    treedef = jax.tree.structure(abstract)
-    return jax.tree.unflatten(treedef, [leaves[p] if p in leaves else fill[p] for p in paths])
+    Raises:
+        CheckpointError: an unexpected, duplicate, missing or wrongly shaped tensor.
+    """
+    return assemble(checkpoint_tensors(named, cfg), cfg, base=base, shardings=shardings, cast=True,
+                    copy=copy, check_finite=check_finite, source="checkpoint")
 
 
 def dummy_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) -> Params:
@@ -241,53 +202,7 @@ def load_params(config: RunnerConfig, shardings: Params | None = None) -> Params
     if fmt == "dummy":
         return dummy_params(cfg, load.seed, shardings)
     if fmt == "orbax":
-        from runner.orbax_io import restore_params
-        params = restore_params(_model_folder(cfg), cfg, shardings)
-        if load.check_finite:
-            validate_params(params, cfg, check_finite=True)
-        return params
-    folder = _model_folder(cfg)
-    return params_from_checkpoint(iter_safetensors(folder), cfg, check_finite=load.check_finite,
-                                  shardings=shardings)
-
-
-def validate_params(params: Any, cfg: ModelConfig, *, check_finite: bool = True) -> None:
-    """Check a tree in the runner's own layout against the abstract tree of `cfg`.
-
-    Raises:
-        CheckpointError: naming the first leaf whose structure, shape or dtype differs.
-    """
-    abstract = abstract_params(cfg)
-    expected = leaf_paths(abstract)
-    try:
-        got = leaf_paths(params)
-        same_structure = jax.tree.structure(params) == jax.tree.structure(abstract)
-    except Exception as e:  # noqa: BLE001 - anything unflattenable is a structure error
-        raise CheckpointError(f"params is not a parameter tree: {e}") from e
-    if not same_structure:
-        missing = sorted(set(expected) - set(got))
-        extra = sorted(set(got) - set(expected))
-        if not missing and not extra:
-            raise CheckpointError(f"params tree has the model's leaves in other containers: got "
-                                  f"{jax.tree.structure(params)}; expected {jax.tree.structure(abstract)} "
-                                  "(a state.params.Params with a tuple of LayerParams)")
-        raise CheckpointError(f"params tree does not match the model: missing leaves {missing[:8]}, "
-                              f"unexpected leaves {extra[:8]} (expected a state.params.Params)")
-    for path, leaf, spec in zip(expected, jax.tree.leaves(params), jax.tree.leaves(abstract)):
-        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
-        if tuple(shape or ()) != spec.shape or shape is None:
-            raise CheckpointError(f"leaf {path!r} has shape {shape}; expected {spec.shape}")
-        if dtype != spec.dtype:
-            raise CheckpointError(f"leaf {path!r} has dtype {dtype}; expected {spec.dtype} "
-                                  "(convert explicitly with .astype before handing it over)")
-    if check_finite:
-        finite = jax.device_get(_finite_leaves(jax.tree.leaves(params)))
-        bad = [p for p, ok in zip(expected, finite) if not ok]
-        if bad:
-            raise CheckpointError(f"leaf {bad[0]!r} holds NaN or infinite values")
-
-
-@jax.jit
-def _finite_leaves(leaves: list[jax.Array]) -> jax.Array:
-    """[num_leaves] bool: one program per tree shape, one transfer for the whole tree."""
-    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+        return orbax_io.restore_params(_model_folder(cfg), cfg, shardings, check_finite=load.check_finite)
+    # Arrays read from the files belong to nobody else: no copy.
+    return params_from_checkpoint(iter_safetensors(_model_folder(cfg)), cfg, copy=False,
+                                  check_finite=load.check_finite, shardings=shardings)

@@ -18,14 +18,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from models.llama import compute_logits, forward
-from runner import distributed, lifecycle, sharding
-from runner.loader import load_params, validate_params
+from runner import lifecycle, sharding
 from runner.prepare import BucketSizes, prepare_batch, prepare_sampling
 from runner.sampler import SamplerFlags, SamplingMetadata, prompt_logprobs, sample
 from runner.scheduler import SchedulerOutput
 from state.batch import Batch, bucket
 from state.config import ModelConfig, RunnerConfig
-from state.kv_cache import KVCache, allocate_kv_cache, bytes_per_block, kv_cache_specs, resolve_num_blocks
+from state.kv_cache import KVCache, allocate_kv_cache
 from state.params import Params
 from state.runner_state import RunnerState
 
@@ -97,59 +96,35 @@ def _replicated_like(params: Params) -> NamedSharding | None:
     return sharding.replicated(placed.mesh) if isinstance(placed, NamedSharding) else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SequenceResult:
-    token_id: int | None  # None when the step only advanced a prompt chunk
-    logprob: float | None
-    top_logprobs: dict[int, float] | None
-    prompt_logprobs: list[dict[int, float] | None] | None  # this chunk's prompt positions
+    """What one step computed for one scheduled request, as host values (the engine's
+    `update` turns them into outputs)."""
+
+    token_id: int | None = None  # None when the step only advanced a prompt chunk
+    logprob: float | None = None
+    top_ids: np.ndarray | None = None  # [MAX_LOGPROBS] most likely next tokens, when asked
+    top_logprobs: np.ndarray | None = None  # [MAX_LOGPROBS] their log-probabilities
+    prompt_logprobs: PromptLogprobs | None = None  # this chunk's positions, when asked
 
 
-def free_device_bytes(device: jax.Device | None = None) -> int | None:
-    """Free memory of `device` (default: this process's first), when its backend reports it
-    (GPUs do, CPUs do not)."""
-    stats = (device or jax.local_devices()[0]).memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Per token of a prompt chunk: the log-probability of the prompt's next token and
+    the most likely next tokens. Row j belongs to position start + j; rows whose next
+    position lies outside the prompt hold nothing meaningful."""
 
-
-def _free_kv_bytes(config: RunnerConfig, mesh: Mesh) -> int | None:
-    """KV bytes the devices can hold, counted as whole blocks (all KV heads): one device's
-    free memory (measured after the weights were placed, so already without them), times
-    the number of devices each block is split over."""
-    free = free_device_bytes(next(d for d in mesh.devices.flat if d.process_index == jax.process_index()))
-    if free is None:
-        return None
-    kv = kv_cache_specs(config, 1)
-    per_device = sharding.per_device_bytes(jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), kv,
-        sharding.kv_cache_shardings(config, mesh, 1)))
-    return free * bytes_per_block(config) // per_device
+    next_logprobs: np.ndarray  # [n]
+    top_ids: np.ndarray  # [n, MAX_LOGPROBS]
+    top_logprobs: np.ndarray  # [n, MAX_LOGPROBS]
 
 
 class ModelRunner:
     """The shell around one `RunnerState`: lifecycle operations swap it, steps read it."""
 
     def __init__(self, config: RunnerConfig, params: Params | None = None) -> None:
-        """Build the device mesh of `config.parallel_config`, place the weights on their
-        shardings (loading them straight there, or copying a caller's tree there, so the
-        caller keeps its own arrays) and allocate the KV cache on its shardings."""
-        mesh = sharding.make_mesh(config.parallel_config)
-        param_shardings = sharding.param_shardings(config.model_config, mesh)
-        if params is None:
-            params = load_params(config, param_shardings)
-        else:
-            validate_params(params, config.model_config, check_finite=config.load_config.check_finite)
-            params = jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), params, param_shardings)
-        num_blocks = resolve_num_blocks(config, _free_kv_bytes(config, mesh))
-        # Every process must allocate the same cache (they run one program): the smallest.
-        num_blocks = min(distributed.allgather_objects(num_blocks))
-        kv_shardings = sharding.kv_cache_shardings(config, mesh, num_blocks)
-        kv_cache = allocate_kv_cache(config, num_blocks, kv_shardings)
-        self._state = RunnerState(
-            config=config, params=params, kv_cache=kv_cache, num_blocks=num_blocks,
-            param_shardings=param_shardings, kv_shardings=kv_shardings)
+        """Create the runner's first record (`runner.lifecycle.create`)."""
+        self._state = lifecycle.create(config, params)
 
     # -- the record --------------------------------------------------------------------
 
@@ -187,7 +162,9 @@ class ModelRunner:
                                                is_checkpoint_format=is_checkpoint_format)
 
     def sleep(self, level: int = 1) -> None:
-        self._state = lifecycle.sleep(self._state, level)
+        old = self._state
+        self._state = lifecycle.sleep(old, level)
+        lifecycle.release(old)  # only once no record points at the buffers any more
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         self._state = lifecycle.wake_up(self._state, tags)
@@ -207,6 +184,7 @@ class ModelRunner:
             # buffers. Start over from an empty cache (its contents are lost either way;
             # the engine drops its prefix cache when a call fails).
             if any(leaf.is_deleted() for leaf in jax.tree.leaves(state.kv_cache)):
+                # The same allocation as creation and wake_up.
                 self._state = replace(state, kv_cache=allocate_kv_cache(
                     state.config, state.num_blocks, state.kv_shardings))
             raise
@@ -246,28 +224,29 @@ class ModelRunner:
                                        bucket(config.scheduler_config.max_model_len))
         hidden = self.run_forward(batch)
         sampled = self.run_sampler(select_rows(hidden, batch.logits_indices), meta, flags)
-        chunk_logprobs = self._prompt_logprobs(out, hidden, sizes)
+        prompt = self._prompt_logprobs(out, hidden, sizes)
         sampled = jax.device_get(sampled)
         results = {}
         offset = 0
         for i, s in enumerate(out.scheduled):
-            p = s.request.sampling_params
-            token = logprob = top = None
+            fields: dict[str, Any] = {}
             if s.samples:
-                token, logprob = int(sampled.token_ids[i]), float(sampled.logprobs[i])
-                if p.logprobs is not None:
-                    top = _top_dict(sampled.top_ids[i], sampled.top_logprobs[i], p.logprobs, token, logprob)
-            plp = chunk_logprobs[offset:offset + s.num_tokens] if chunk_logprobs is not None else None
-            results[s.request.request_id] = SequenceResult(token, logprob, top, plp)
+                fields.update(token_id=int(sampled.token_ids[i]), logprob=float(sampled.logprobs[i]))
+                if s.request.sampling_params.logprobs is not None:
+                    fields.update(top_ids=sampled.top_ids[i], top_logprobs=sampled.top_logprobs[i])
+            if prompt is not None and s.request.sampling_params.prompt_logprobs is not None:
+                rows = slice(offset, offset + s.num_tokens)
+                fields["prompt_logprobs"] = PromptLogprobs(*(a[rows] for a in prompt))
+            results[s.request.request_id] = SequenceResult(**fields)
             offset += s.num_tokens
         return results
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: jax.Array,
-                         sizes: BucketSizes) -> list[dict[int, float] | None] | None:
-        """Per scheduled token: the prompt-logprob entry of the *next* prompt position."""
-        wanted = [s for s in out.scheduled
-                  if s.request.sampling_params.prompt_logprobs is not None and s.request.is_prefilling_prompt]
-        if not wanted:
+                         sizes: BucketSizes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Per scheduled token: the log-probability of the *next* prompt token and the top
+        entries there, for steps where some request still gathers prompt logprobs."""
+        if not any(s.request.sampling_params.prompt_logprobs is not None and s.request.is_prefilling_prompt
+                   for s in out.scheduled):
             return None
         next_ids = np.zeros(sizes.num_tokens, np.int32)
         offset = 0
@@ -277,25 +256,4 @@ class ModelRunner:
                 if pos + 1 < len(prompt):
                     next_ids[offset + j] = prompt[pos + 1]
             offset += s.num_tokens
-        chosen, top_ids, top_lps = jax.device_get(self.run_prompt_logprobs(hidden, next_ids))
-        entries: list[dict[int, float] | None] = []
-        offset = 0
-        for s in out.scheduled:
-            prompt = s.request.prompt_token_ids
-            k = s.request.sampling_params.prompt_logprobs
-            for j, pos in enumerate(range(s.start, s.end)):
-                t = offset + j
-                if k is None or pos + 1 >= len(prompt):
-                    entries.append(None)
-                else:
-                    entries.append(_top_dict(top_ids[t], top_lps[t], k, int(next_ids[t]), float(chosen[t])))
-            offset += s.num_tokens
-        return entries
-
-
-def _top_dict(ids: np.ndarray, logprobs: np.ndarray, k: int, token: int, logprob: float) -> dict[int, float]:
-    """The top `k` entries plus the chosen token, as vLLM reports them."""
-    entries = {int(i): float(lp) for i, lp in zip(ids[:k], logprobs[:k])}
-    entries[token] = logprob
-    return entries
-
+        return jax.device_get(self.run_prompt_logprobs(hidden, next_ids))

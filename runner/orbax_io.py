@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from runner.loader import CheckpointError, validate_params
+from runner.param_tree import CheckpointError, assemble, tree_tensors, validate_params
 from state.config import ModelConfig
 from state.params import Params, abstract_params, leaf_paths
 
@@ -59,7 +59,8 @@ def save_params(path: str | Path, params: Params, model_config: ModelConfig | No
     return folder
 
 
-def restore_params(folder: str | Path, cfg: ModelConfig, shardings: Any = None) -> Params:
+def restore_params(folder: str | Path, cfg: ModelConfig, shardings: Any = None, *,
+                   check_finite: bool = True) -> Params:
     """The tree stored at `folder`, restored onto `shardings` (None: the default device).
 
     Args:
@@ -67,6 +68,7 @@ def restore_params(folder: str | Path, cfg: ModelConfig, shardings: Any = None) 
         cfg: the architecture; the stored tree must have exactly its leaves and shapes
             (a floating dtype other than `cfg.dtype` is converted).
         shardings: a tree of `jax.sharding.Sharding` matching `abstract_params(cfg)`.
+        check_finite: refuse leaves holding NaN or infinity.
 
     Raises:
         CheckpointError: no orbax checkpoint there, or its tree does not fit `cfg` (the
@@ -98,7 +100,8 @@ def restore_params(folder: str | Path, cfg: ModelConfig, shardings: Any = None) 
             params = checkpointer.restore(folder, target)
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt array file
             raise CheckpointError(f"cannot restore the orbax checkpoint in {str(folder)!r}: {e}") from e
-    return params
+    # Restored arrays are this process's own and already placed: checked, not copied.
+    return assemble(tree_tensors(params, cfg), cfg, copy=False, check_finite=check_finite)
 
 
 def _check_tree(stored: Any, abstract: Params, folder: Path) -> None:

@@ -13,11 +13,7 @@ import numpy as np
 from runner.sampler import SamplerFlags, SamplingMetadata
 from runner.sampling_params import MAX_LOGPROBS
 from runner.scheduler import SchedulerOutput
-from state.batch import Batch, bucket
-
-# Smallest token bucket: below this, padding costs less than another compilation.
-MIN_TOKEN_BUCKET = 8
-MIN_DECODE_BUCKET = 2
+from state.batch import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, Batch, bucket, cdiv
 
 
 @dataclass(frozen=True)
@@ -29,7 +25,7 @@ class BucketSizes:
 
 def prepare_batch(out: SchedulerOutput, block_size: int, max_num_seqs: int) -> tuple[Batch, BucketSizes]:
     """The model input of one step, as numpy arrays padded to their buckets."""
-    if all(s.num_tokens == 1 for s in out.scheduled):
+    if out.is_decode:
         return _decode_batch(out, block_size)
     return _general_batch(out, block_size, max_num_seqs)
 
@@ -47,60 +43,40 @@ def _slots(blocks: np.ndarray, positions: np.ndarray, block_size: int) -> np.nda
 def _general_batch(out: SchedulerOutput, block_size: int, max_num_seqs: int) -> tuple[Batch, BucketSizes]:
     sched = out.scheduled
     T = bucket(out.num_tokens, MIN_TOKEN_BUCKET)
-    N = bucket(sum(-(-s.end // block_size) for s in sched))
+    N = bucket(sum(cdiv(s.end, block_size) for s in sched))
     B = sampled_rows(T, max_num_seqs)
-
-    token_ids = np.zeros(T, np.int32)
-    positions = np.zeros(T, np.int32)
-    slot_mapping = np.full(T, -1, np.int32)
-    token_seq = np.full(T, -1, np.int32)
-    key_block_ids = np.zeros(N, np.int32)
-    key_block_seq = np.full(N, -2, np.int32)
-    key_block_pos = np.zeros(N, np.int32)
-    logits_indices = np.zeros(B, np.int32)
-
+    batch = Batch.empty_general(T, N, B)  # filled in place below: fresh host arrays
     t = n = 0
     for i, s in enumerate(sched):
         pos = np.arange(s.start, s.end, dtype=np.int32)
         blocks = np.asarray(s.request.block_ids, np.int32)
-        token_ids[t:t + s.num_tokens] = s.request.all_token_ids[s.start:s.end]
-        positions[t:t + s.num_tokens] = pos
-        slot_mapping[t:t + s.num_tokens] = _slots(blocks, pos, block_size)
-        token_seq[t:t + s.num_tokens] = i
-        nb = -(-s.end // block_size)
-        key_block_ids[n:n + nb] = blocks[:nb]
-        key_block_seq[n:n + nb] = i
-        key_block_pos[n:n + nb] = np.arange(nb, dtype=np.int32) * block_size
-        logits_indices[i] = t + s.num_tokens - 1
+        batch.token_ids[t:t + s.num_tokens] = s.request.all_token_ids[s.start:s.end]
+        batch.positions[t:t + s.num_tokens] = pos
+        batch.slot_mapping[t:t + s.num_tokens] = _slots(blocks, pos, block_size)
+        batch.token_seq[t:t + s.num_tokens] = i
+        nb = cdiv(s.end, block_size)
+        batch.key_block_ids[n:n + nb] = blocks[:nb]
+        batch.key_block_seq[n:n + nb] = i
+        batch.key_block_pos[n:n + nb] = np.arange(nb, dtype=np.int32) * block_size
+        batch.logits_indices[i] = t + s.num_tokens - 1
         t += s.num_tokens
         n += nb
-    batch = Batch(token_ids, positions, slot_mapping, logits_indices, token_seq=token_seq,
-                  key_block_ids=key_block_ids, key_block_seq=key_block_seq,
-                  key_block_pos=key_block_pos)
     return batch, BucketSizes(T, N, B)
 
 
 def _decode_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketSizes]:
     """One new token per sequence: token i belongs to sequence i, T = B."""
     sched = out.scheduled
-    # At least two rows: with a single row XLA rewrites the cache scatter into a dynamic
-    # update slice and copies the whole cache around it (measured 10x slower on CPU).
     B = bucket(len(sched), MIN_DECODE_BUCKET)
-    Nb = bucket(max(-(-s.end // block_size) for s in sched))
-    token_ids = np.zeros(B, np.int32)
-    positions = np.zeros(B, np.int32)
-    slot_mapping = np.full(B, -1, np.int32)
-    block_tables = np.zeros((B, Nb), np.int32)
-    seq_lens = np.zeros(B, np.int32)
+    Nb = bucket(max(cdiv(s.end, block_size) for s in sched))
+    batch = Batch.empty_decode(B, Nb)  # filled in place below: fresh host arrays
     for i, s in enumerate(sched):
-        blocks = s.request.block_ids[:-(-s.end // block_size)]
-        token_ids[i] = s.request.all_token_ids[s.start]
-        positions[i] = s.start
-        slot_mapping[i] = blocks[s.start // block_size] * block_size + s.start % block_size
-        block_tables[i, :len(blocks)] = blocks
-        seq_lens[i] = s.end
-    batch = Batch(token_ids, positions, slot_mapping, np.arange(B, dtype=np.int32),
-                  block_tables=block_tables, seq_lens=seq_lens)
+        blocks = s.request.block_ids[:cdiv(s.end, block_size)]
+        batch.token_ids[i] = s.request.all_token_ids[s.start]
+        batch.positions[i] = s.start
+        batch.slot_mapping[i] = blocks[s.start // block_size] * block_size + s.start % block_size
+        batch.block_tables[i, :len(blocks)] = blocks
+        batch.seq_lens[i] = s.end
     return batch, BucketSizes(B, Nb, B)
 
 

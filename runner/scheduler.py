@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from state.batch import cdiv
 from state.block_pool import BlockPool
 from state.config import RunnerConfig
 from state.request import Request, RequestStatus
@@ -55,19 +56,43 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
 
+    @property
+    def is_decode(self) -> bool:
+        """Every scheduled request computes one token: the step fits a decode batch."""
+        return all(s.num_tokens == 1 for s in self.scheduled)
+
 
 class Scheduler:
+    """Host bookkeeping of every live request. Its limits are read from `config`, which the
+    engine replaces when `update_config` changes them (they take effect at the next step)."""
+
     def __init__(self, config: RunnerConfig, num_blocks: int) -> None:
-        cache, sched = config.cache_config, config.scheduler_config
-        self.block_size = cache.block_size
-        self.max_num_seqs = sched.max_num_seqs
-        self.max_num_batched_tokens = sched.max_num_batched_tokens
-        self.max_model_len = sched.max_model_len
-        self.chunked_prefill = sched.enable_chunked_prefill
+        self.config = config
+        cache = config.cache_config
         self.pool = BlockPool(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+
+    @property
+    def block_size(self) -> int:
+        return self.config.cache_config.block_size
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.config.scheduler_config.max_num_seqs
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.config.scheduler_config.max_num_batched_tokens
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler_config.max_model_len
+
+    @property
+    def chunked_prefill(self) -> bool:
+        return self.config.scheduler_config.enable_chunked_prefill
 
     # -- queue -------------------------------------------------------------------------
 
@@ -113,6 +138,13 @@ class Scheduler:
             if not self._admit(request, budget, out):
                 break
             budget -= out.scheduled[-1].num_tokens
+        if not out.scheduled and self.has_unfinished():
+            # Every live request fits the pool alone (`check_fits`), so an empty step means
+            # the bookkeeping lost blocks: stop here rather than loop on empty steps.
+            raise RuntimeError(
+                f"no request could be scheduled: {len(self.running)} running, {len(self.waiting)} "
+                f"waiting, {self.pool.num_free_blocks} of {self.pool.num_blocks} KV blocks free "
+                "(abort the requests, e.g. by interrupting generate, and submit them again)")
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += out.num_tokens
         return out
@@ -181,43 +213,16 @@ class Scheduler:
         self.stats.num_preemptions += 1
 
     def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     # -- after the step ----------------------------------------------------------------
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance every scheduled request; append the tokens sampled for those that sampled.
-
-        Returns the requests that finished on a token condition (EOS, stop token id,
-        max_tokens, max_model_len). Stop strings are the caller's (it owns the detokenizer).
-        """
-        finished = []
-        for s in out.scheduled:
-            request = s.request
-            request.num_computed_tokens = s.end
-            self.pool.cache_blocks(request.block_ids, request.block_hashes, request.all_token_ids,
-                                   request.num_computed_tokens // self.block_size)
-            if not s.samples:
-                continue
-            token = sampled[request.request_id]
-            request.output_token_ids.append(token)
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                self.finish(request, *reason)
-                finished.append(request)
-        return finished
-
-    def _stop_reason(self, request: Request, token: int) -> tuple[str, int | None] | None:
-        params = request.sampling_params
-        num_out = len(request.output_token_ids)
-        if num_out >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                return "stop", None
-            if params.stop_token_ids and token in params.stop_token_ids:
-                return "stop", token
-        if num_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            return "length", None
-        return None
+    def advance(self, s: ScheduledRequest) -> None:
+        """Count a computed step of `s.request` and offer its full blocks to the prefix cache."""
+        request = s.request
+        request.num_computed_tokens = s.end
+        self.pool.cache_blocks(request.block_ids, request.block_hashes, request.all_token_ids,
+                               request.num_computed_tokens // self.block_size)
 
     def finish(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """Retire a request and return its blocks to the pool (its cached prefix stays)."""

@@ -1,7 +1,7 @@
 """Tensor parallelism: one rules table from logical axis names to mesh axes.
 
 Every parameter leaf names its axes (`state.params.param_specs`), and so does every KV cache
-array (`KV_AXES`, per attention backend). `RULES` maps each logical axis to the mesh axis it
+array (`state.kv_cache.KV_LAYOUTS`, per attention backend). `RULES` maps each logical axis to the mesh axis it
 is split over, or to None (replicated). The model code never mentions devices: the jitted
 step receives arrays laid out by these shardings and XLA's SPMD partitioner inserts the
 collectives (an all-reduce after `wo` and `w_down`, one after the vocabulary-split
@@ -27,7 +27,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from state.config import ModelConfig, ParallelConfig, RunnerConfig
-from state.kv_cache import KVCache, kv_cache_specs
+from state.kv_cache import KVCache, kv_axes, kv_axis_sizes
 from state.params import Params, param_specs
 
 DATA, MODEL = "data", "model"
@@ -62,14 +62,6 @@ RULES: dict[str, str | None] = {
     "block_slots": None,
 }
 
-# Logical axes of one layer's K (or V) cache array, by attention backend: the KV-head axis
-# is position 2 of the reference layout [P, S, K, Dh] and position 0 of Pallas's [K, P, S, Dh].
-KV_AXES: dict[str, tuple[str, ...]] = {
-    "reference": ("kv_blocks", "block_slots", "kv_heads", "head_dim"),
-    "pallas": ("kv_heads", "kv_blocks", "block_slots", "head_dim"),
-}
-
-
 def make_mesh(parallel_config: ParallelConfig, devices: list[jax.Device] | None = None) -> Mesh:
     """A `("data", "model")` mesh of `data_parallel_size x tensor_parallel_size` devices.
 
@@ -97,12 +89,11 @@ def make_mesh(parallel_config: ParallelConfig, devices: list[jax.Device] | None 
                          devices=devices[:need])
 
 
-def axis_units(model_config: ModelConfig, num_blocks: int = 1, block_size: int = 1) -> dict[str, int]:
-    """How many indivisible units each logical axis holds (heads, not head values)."""
+def axis_units(model_config: ModelConfig) -> dict[str, int]:
+    """How many indivisible units each logical weight axis holds (heads, not head values)."""
     m = model_config
     return {"vocab": m.vocab_size, "embed": m.hidden_size, "q_heads": m.num_attention_heads,
-            "kv_heads": m.num_key_value_heads, "mlp": m.intermediate_size, "head_dim": m.head_dim,
-            "kv_blocks": num_blocks, "block_slots": block_size}
+            "kv_heads": m.num_key_value_heads, "mlp": m.intermediate_size, "head_dim": m.head_dim}
 
 
 def partition_spec(axes: tuple[str | None, ...], units: dict[str, int], mesh: Mesh) -> PartitionSpec:
@@ -146,10 +137,9 @@ def param_shardings(model_config: ModelConfig, mesh: Mesh) -> Params:
 
 def kv_cache_shardings(config: RunnerConfig, mesh: Mesh, num_blocks: int) -> tuple[KVCache, ...]:
     """Per-layer `KVCache` of `NamedSharding`, for the configured backend's layout."""
-    units = axis_units(config.model_config, num_blocks, config.cache_config.block_size)
-    axes = KV_AXES[config.cache_config.attention_backend]
-    sharding = NamedSharding(mesh, partition_spec(axes, units, mesh))
-    return tuple(KVCache(k=sharding, v=sharding) for _ in kv_cache_specs(config, num_blocks))
+    # A cache axis's units are its size: KV heads are whole heads already.
+    sharding = NamedSharding(mesh, partition_spec(kv_axes(config), kv_axis_sizes(config, num_blocks), mesh))
+    return tuple(KVCache(k=sharding, v=sharding) for _ in range(config.model_config.num_hidden_layers))
 
 
 @functools.lru_cache(maxsize=16)

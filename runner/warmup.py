@@ -26,10 +26,10 @@ import numpy as np
 
 from runner.compilation import CompileCounter
 from runner.model_runner import select_rows
-from runner.prepare import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, sampled_rows
+from runner.prepare import sampled_rows
 from runner.sampler import SamplerFlags, SamplingMetadata
 from runner.sampling_params import MAX_LOGPROBS
-from state.batch import Batch, bucket, buckets_up_to
+from state.batch import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, Batch, bucket, buckets_up_to, cdiv
 from state.config import RunnerConfig
 from state.kv_cache import blocks_per_seq
 
@@ -48,7 +48,7 @@ def general_shapes(config: RunnerConfig, num_blocks: int) -> Iterator[tuple[int,
     sched = config.scheduler_config
     max_blocks = min(num_blocks, sched.max_num_seqs * blocks_per_seq(config))
     for T in buckets_up_to(sched.max_num_batched_tokens, MIN_TOKEN_BUCKET):
-        fewest = -(-(T // 2 + 1) // S) if T > MIN_TOKEN_BUCKET else 1
+        fewest = cdiv(T // 2 + 1, S) if T > MIN_TOKEN_BUCKET else 1
         for N in buckets_up_to(max_blocks):
             if N >= fewest // 2:  # a bucket below the fewest blocks' own bucket is unreachable
                 yield T, N
@@ -59,19 +59,6 @@ def decode_shapes(config: RunnerConfig) -> Iterator[tuple[int, int]]:
     for B in buckets_up_to(config.scheduler_config.max_num_seqs, MIN_DECODE_BUCKET):
         for Nb in buckets_up_to(blocks_per_seq(config)):
             yield B, Nb
-
-
-def general_batch(T: int, N: int, B: int) -> Batch:
-    return Batch(token_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
-                 slot_mapping=np.full(T, -1, np.int32), logits_indices=np.zeros(B, np.int32),
-                 token_seq=np.full(T, -1, np.int32), key_block_ids=np.zeros(N, np.int32),
-                 key_block_seq=np.full(N, -2, np.int32), key_block_pos=np.zeros(N, np.int32))
-
-
-def decode_batch(B: int, Nb: int) -> Batch:
-    return Batch(token_ids=np.zeros(B, np.int32), positions=np.zeros(B, np.int32),
-                 slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
-                 block_tables=np.zeros((B, Nb), np.int32), seq_lens=np.zeros(B, np.int32))
 
 
 def sampler_inputs(config: RunnerConfig) -> Iterator[tuple[int, SamplingMetadata, SamplerFlags]]:
@@ -99,14 +86,14 @@ def warmup(runner) -> WarmupReport:
     config, num_blocks = runner.config, runner.num_blocks
     start = time.perf_counter()
     max_seqs = config.scheduler_config.max_num_seqs
-    forward = [general_batch(T, N, sampled_rows(T, max_seqs)) for T, N in general_shapes(config, num_blocks)]
-    forward += [decode_batch(B, Nb) for B, Nb in decode_shapes(config)]
+    forward = [Batch.empty_general(T, N, sampled_rows(T, max_seqs)) for T, N in general_shapes(config, num_blocks)]
+    forward += [Batch.empty_decode(B, Nb) for B, Nb in decode_shapes(config)]
     samplers = list(sampler_inputs(config))
     with CompileCounter() as compiles:
         for batch in forward:
             hidden = runner.run_forward(batch)
             select_rows(hidden, batch.logits_indices)
-            if batch.block_tables is None:
+            if not batch.is_decode:
                 runner.run_prompt_logprobs(hidden, np.zeros(hidden.shape[0], np.int32))
         for B, meta, flags in samplers:
             # Rows cut from a real hidden state carry the sharding serving will pass, which

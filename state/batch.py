@@ -23,6 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
+
+# Smallest token bucket of a general batch: below this, padding costs less than another
+# compilation.
+MIN_TOKEN_BUCKET = 8
+# Smallest decode batch: with a single row XLA rewrites the cache scatter into a dynamic
+# update slice and copies the whole cache around it (measured 10x slower on CPU).
+MIN_DECODE_BUCKET = 2
 
 
 @jax.tree_util.register_dataclass
@@ -44,6 +52,29 @@ class Batch:
     @property
     def is_decode(self) -> bool:
         return self.block_tables is not None
+
+    # The padding values live here only: a padded token writes nothing (slot -1), belongs to
+    # no sequence (-1), and a padded key block is owned by no sequence (-2 matches no token).
+
+    @classmethod
+    def empty_general(cls, T: int, N: int, B: int) -> Batch:
+        """An all-padding general batch of `T` tokens, `N` key blocks and `B` sampled rows."""
+        return cls(token_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                   slot_mapping=np.full(T, -1, np.int32), logits_indices=np.zeros(B, np.int32),
+                   token_seq=np.full(T, -1, np.int32), key_block_ids=np.zeros(N, np.int32),
+                   key_block_seq=np.full(N, -2, np.int32), key_block_pos=np.zeros(N, np.int32))
+
+    @classmethod
+    def empty_decode(cls, B: int, Nb: int) -> Batch:
+        """An all-padding decode batch of `B` rows with `Nb` blocks per row."""
+        return cls(token_ids=np.zeros(B, np.int32), positions=np.zeros(B, np.int32),
+                   slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
+                   block_tables=np.zeros((B, Nb), np.int32), seq_lens=np.zeros(B, np.int32))
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: blocks of `b` slots holding `a` tokens."""
+    return -(-a // b)
 
 
 def bucket(n: int, minimum: int = 1) -> int:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from state.kv_cache import KV_LAYOUTS
+
 
 class Effect(str, enum.Enum):
     """What a running runner must do when a config field changes."""
@@ -70,7 +72,6 @@ def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
-ATTENTION_BACKENDS = ("reference", "pallas")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
 
 
@@ -154,10 +155,6 @@ class ModelConfig:
     def qk_norm(self) -> bool:
         """Qwen3 normalises each query and key head before RoPE; Llama does not."""
         return self.architecture == "Qwen3ForCausalLM"
-
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
     def for_compile(self) -> ModelConfig:
         """This record with every field that cannot change compiled code reset.
@@ -343,6 +340,7 @@ class CacheConfig:
     enable_prefix_caching: bool = _f(Effect.REALLOCATE, True, "share full blocks between requests")
     attention_backend: str = _f(Effect.REALLOCATE, "reference",
                                 "reference (jnp, any device) | pallas (GPU decode kernel); sets the KV layout")
+    enable_sleep_mode: bool = _f(Effect.NONE, True, "allow sleep() and wake_up()")
 
     def __post_init__(self) -> None:
         _check_positive_int("CacheConfig", "block_size", self.block_size)
@@ -352,8 +350,11 @@ class CacheConfig:
                  f"unknown {self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
         _require(isinstance(self.enable_prefix_caching, bool), "CacheConfig", "enable_prefix_caching",
                  f"expected a bool, got {self.enable_prefix_caching!r}")
-        _require(self.attention_backend in ATTENTION_BACKENDS, "CacheConfig", "attention_backend",
-                 f"unknown {self.attention_backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
+        _require(isinstance(self.attention_backend, str) and self.attention_backend in KV_LAYOUTS,
+                 "CacheConfig", "attention_backend",
+                 f"unknown {self.attention_backend!r}; valid: {', '.join(KV_LAYOUTS)}")
+        _require(isinstance(self.enable_sleep_mode, bool), "CacheConfig", "enable_sleep_mode",
+                 f"expected a bool, got {self.enable_sleep_mode!r}")
         _require(not (self.attention_backend == "pallas" and self.is_fp8), "CacheConfig",
                  "attention_backend", "the pallas backend takes no fp8 KV cache; use 'reference'")
 
@@ -482,12 +483,24 @@ def _record_type(hint: Any) -> type | None:
     return None
 
 
+SECTIONS = ("model_config", "load_config", "cache_config", "scheduler_config", "parallel_config")
+
+
+def changed_fields(old: RunnerConfig, new: RunnerConfig) -> list[tuple[str, Effect]]:
+    """`(section.field, effect)` of every field whose value differs between two records."""
+    changed = []
+    for section in SECTIONS:
+        before, after = getattr(old, section), getattr(new, section)
+        for f in dataclasses.fields(before):
+            if getattr(before, f.name) != getattr(after, f.name):
+                changed.append((f"{section}.{f.name}", f.metadata["effect"]))
+    return changed
+
+
 def describe_effects() -> str:
     """A Markdown table: every field and what changing it costs a running runner."""
     rows = ["| field | on change | meaning |", "| --- | --- | --- |"]
-    for section, cls in (("model_config", ModelConfig), ("load_config", LoadConfig),
-                         ("cache_config", CacheConfig), ("scheduler_config", SchedulerConfig),
-                         ("parallel_config", ParallelConfig)):
-        for f in dataclasses.fields(cls):
+    for section in SECTIONS:
+        for f in dataclasses.fields(typing.get_type_hints(RunnerConfig)[section]):
             rows.append(f"| {section}.{f.name} | {f.metadata['effect'].value} | {f.metadata['doc']} |")
     return "\n".join(rows)

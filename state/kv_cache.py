@@ -1,8 +1,12 @@
 """The paged KV cache: one `KVCache` record per layer, addressed through block tables.
 
-Layout per layer: `k, v: [P, S, K, Dh]` (blocks, slots per block, KV heads, head dim) for
-the reference backend; the Pallas GPU backend keeps JAX's kernel layout `[K, P, S, Dh]`
-(see `models.attention_backends`). The token at position `pos` of a sequence lives at
+This module owns the cache layout of every attention backend (`KV_LAYOUTS`): the logical
+axes of one layer's K (or V) array, from which its shape (`kv_cache_specs`) and its
+sharding (`runner.sharding.kv_cache_shardings`) are both derived. The reference backend
+stores `[P, S, K, Dh]` (blocks, slots per block, KV heads, head dim); the Pallas GPU
+backend keeps JAX's paged-attention kernel layout `[K, P, S, Dh]` (`models.pallas_attention`).
+
+The token at position `pos` of a sequence lives at
 `slot = block_table[pos // S] * S + pos % S`. A tuple of per-layer arrays (not one stacked
 array) lets the donated cache be updated in place layer by layer.
 """
@@ -10,28 +14,47 @@ array) lets the donated cache be updated in place layer by layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
-from state.config import RunnerConfig
+from state.batch import cdiv
+
+if TYPE_CHECKING:  # state.config reads the backend names from this module
+    from state.config import RunnerConfig
+
+# Attention backend -> logical axes of one layer's K (or V) cache array.
+KV_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "reference": ("kv_blocks", "block_slots", "kv_heads", "head_dim"),
+    "pallas": ("kv_heads", "kv_blocks", "block_slots", "head_dim"),
+}
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    k: Any  # [P, S, K, Dh] (reference) or [K, P, S, Dh] (pallas)
+    k: Any  # laid out as KV_LAYOUTS[backend] says
     v: Any
+
+
+def kv_axes(config: RunnerConfig) -> tuple[str, ...]:
+    """Logical axes of one layer's K (or V) array under the configured backend."""
+    return KV_LAYOUTS[config.cache_config.attention_backend]
+
+
+def kv_axis_sizes(config: RunnerConfig, num_blocks: int) -> dict[str, int]:
+    """Size of each logical cache axis."""
+    m = config.model_config
+    return {"kv_blocks": num_blocks, "block_slots": config.cache_config.block_size,
+            "kv_heads": m.num_key_value_heads, "head_dim": m.head_dim}
 
 
 def kv_cache_specs(config: RunnerConfig, num_blocks: int) -> tuple[KVCache, ...]:
     """Abstract per-layer cache arrays for `num_blocks` blocks."""
-    m, cache = config.model_config, config.cache_config
-    K, S, Dh = m.num_key_value_heads, cache.block_size, m.head_dim
-    shape = (K, num_blocks, S, Dh) if cache.attention_backend == "pallas" else (num_blocks, S, K, Dh)
-    leaf = jax.ShapeDtypeStruct(shape, jnp.dtype(config.kv_cache_dtype))
-    return tuple(KVCache(k=leaf, v=leaf) for _ in range(m.num_hidden_layers))
+    sizes = kv_axis_sizes(config, num_blocks)
+    leaf = jax.ShapeDtypeStruct(tuple(sizes[a] for a in kv_axes(config)), jnp.dtype(config.kv_cache_dtype))
+    return tuple(KVCache(k=leaf, v=leaf) for _ in range(config.model_config.num_hidden_layers))
 
 
 def bytes_per_block(config: RunnerConfig) -> int:
@@ -43,7 +66,7 @@ def bytes_per_block(config: RunnerConfig) -> int:
 
 def blocks_per_seq(config: RunnerConfig) -> int:
     """Blocks one request of `max_model_len` tokens needs."""
-    return -(-config.scheduler_config.max_model_len // config.cache_config.block_size)
+    return cdiv(config.scheduler_config.max_model_len, config.cache_config.block_size)
 
 
 def resolve_num_blocks(config: RunnerConfig, free_device_bytes: int | None) -> int:

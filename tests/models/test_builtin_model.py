@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from models.builtin.train import corpus
+from tools.train_builtin import corpus
 from runner import LLM, SamplingParams
 
 WINDOW = 192

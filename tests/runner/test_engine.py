@@ -343,11 +343,11 @@ def test_invalid_sampling_params_name_the_parameter(llm, kwargs, name):
     ([ids(PROMPTS[0])], [None], "sampling_params"),
 ])
 def test_invalid_generate_input_runs_nothing(llm, reference, prompts, params, match):
-    steps, next_id = llm.scheduler.stats.num_steps, llm._next_id
+    steps, next_id = llm.scheduler.stats.num_steps, llm.engine._next_id
     with pytest.raises(ValueError, match=match):
         llm.generate(prompts, params, use_tqdm=False)
     assert llm.scheduler.stats.num_steps == steps, "an invalid call must run nothing"
-    assert llm._next_id == next_id
+    assert llm.engine._next_id == next_id
     assert_idle(llm)
     assert token_ids(llm.generate([ids(PROMPTS[0])], GREEDY, use_tqdm=False)) == reference[:1]
     assert_idle(llm)

@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from runner import LLM, SamplingParams
-from runner.loader import CheckpointError, iter_safetensors
+from runner.loader import iter_safetensors
+from runner.param_tree import CheckpointError
 from runner.tokenizer import Tokenizer
 from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig,
                           SchedulerConfig, update_config)

@@ -18,8 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 from runner import LLM, SamplingParams
 from runner.compilation import CompileCounter
-from runner.loader import CheckpointError, iter_safetensors, resolve_format
+from runner.loader import iter_safetensors, resolve_format
 from runner.orbax_io import restore_params, save_params
+from runner.param_tree import CheckpointError
 from state.config import RunnerConfig
 from state.params import leaf_paths, param_bytes
 from tests import hf_models
@@ -207,13 +208,14 @@ def test_update_config_returns_a_new_record(tied):
 
 
 @pytest.mark.parametrize("overrides, error", [
-    ({"scheduler_config": {"max_num_seqs": 4}},
-     r"Config override 'scheduler_config' is not supported\. Supported configs: load_config, model_config"),
-    ({"foo": {}}, r"Config override 'foo' is not supported\. Supported configs: load_config, model_config"),
+    ({"scheduler_config": {"max_model_len": 32}},
+     r"scheduler_config\.max_model_len cannot change on a running runner \(it changes the KV cache layout\)"),
+    ({"foo": {}}, r"unknown config section 'foo'; valid sections: cache_config, load_config, model_config"),
     ({"load_config": {"load_fromat": "auto"}}, r"unknown config field load_config\.'load_fromat'"),
     ({"load_config": {"load_format": "pickle"}}, r"LoadConfig\.load_format: unknown 'pickle'"),
     ({"model_config": {"hidden_size": 48}},
-     r"model_config\.hidden_size cannot change on a running runner \(it changes parameter shapes\); "
+     r"model_config\.hidden_size cannot change on a running runner \(it changes parameter shapes or the "
+     r"device mesh\); "
      r"build a new LLM"),
     ({"model_config": {"tie_word_embeddings": False}}, r"model_config\.tie_word_embeddings cannot change"),
     ({"load_config": "auto"}, r"RunnerConfig\.load_config: expected LoadConfig, got str"),
@@ -374,7 +376,7 @@ BAD_SOURCES = {
                                          is_checkpoint_format=False), r"unexpected leaf 'layers\.0\.foo'"),
     "runner layout, wrong dtype": (dict(weights_iterator=[("final_norm", np.ones(40, np.float16))],
                                         is_checkpoint_format=False),
-                                   r"leaf 'final_norm' is float16\[40\]; expected float32\[40\]"),
+                                   r"leaf 'final_norm' has dtype float16; expected float32 \(convert explicitly"),
     "runner layout, nan": (dict(weights_iterator=[("final_norm", np.full(40, np.nan, np.float32))],
                                 is_checkpoint_format=False), r"leaf 'final_norm' holds NaN or infinite values"),
     "two sources": (dict(weights_path=".", weights_iterator=[]),

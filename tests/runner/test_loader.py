@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from runner.loader import (CheckpointError, dummy_params, iter_safetensors, load_params,
-                           params_from_checkpoint, validate_params)
+from runner.loader import dummy_params, iter_safetensors, load_params, params_from_checkpoint
+from runner.param_tree import CheckpointError, validate_params
 from state.config import LoadConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from state.params import abstract_params, leaf_paths
 from tests import hf_models

@@ -27,9 +27,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import runner.llm as llm_module
-from runner import LLM, SamplingParams
-from runner.loader import CheckpointError
+from runner import LLM, SamplingParams, engine
 from runner.orbax_io import save_params
+from runner.param_tree import CheckpointError
 from runner.tokenizer import Tokenizer
 from state.params import leaf_paths
 
@@ -604,7 +604,7 @@ BAD_BATCHES = [
 
 @pytest.mark.parametrize("prompts, params, error", BAD_BATCHES)
 def test_a_bad_prompt_fails_the_whole_batch_and_runs_nothing(llm, snap, prompts, params, error):
-    steps, next_id = llm.scheduler.stats.num_steps, llm._next_id
+    steps, next_id = llm.scheduler.stats.num_steps, llm.engine._next_id
     if error is None:  # the boundary itself is accepted
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [len(o.outputs[0].token_ids) for o in outs] == [1, 1]
@@ -612,7 +612,7 @@ def test_a_bad_prompt_fails_the_whole_batch_and_runs_nothing(llm, snap, prompts,
         return
     with pytest.raises(ValueError, match=error):
         llm.generate(prompts, params, use_tqdm=False)
-    assert llm.scheduler.stats.num_steps == steps and llm._next_id == next_id
+    assert llm.scheduler.stats.num_steps == steps and llm.engine._next_id == next_id
     assert_idle(llm)
     assert outputs(llm) == snap.outputs
 
@@ -660,7 +660,7 @@ MISUSE_CONFIG = [
     ({"model_config": {"rms_norm_eps": 1e-5}, "load_config": {"load_format": "gguf"}},
      r"LoadConfig\.load_format: unknown 'gguf'"),
     ({"load_config": {"seed": 1}, "cache_config": {"block_size": 8}},
-     r"Config override 'cache_config' is not supported"),
+     r"cache_config\.block_size cannot change on a running runner"),
     ({"model_config": None}, r"RunnerConfig\.model_config: expected ModelConfig, got NoneType"),
     ({"model_config": {"architecture": "LlamaForCausalLM"}}, r"model_config\.architecture cannot change"),
     ([("load_config", {})], r"overrides must be a dict of sections, got list"),
@@ -784,7 +784,7 @@ def _inject(llm: LLM, monkeypatch, where: str, at: int, error: BaseException) ->
         "execute_model, after the step": (llm.runner, "execute_model", True),
         "sampler, after the forward wrote the cache": (llm.runner, "run_sampler", False),
         "schedule": (llm.scheduler, "schedule", False),
-        "scheduler update, after the step": (llm.scheduler, "update", True),
+        "engine update, after the step": (engine, "update", True),
         "stop-string detokenizer": (llm.tokenizer, "decode", False),
     }
     obj, name, after = targets[where]
@@ -796,7 +796,7 @@ def _inject(llm: LLM, monkeypatch, where: str, at: int, error: BaseException) ->
 FAULTS = [(where, at, error) for where, at in [
     ("execute_model", 1), ("execute_model", 4), ("execute_model, after the step", 6),
     ("sampler, after the forward wrote the cache", 3), ("schedule", 5),
-    ("scheduler update, after the step", 7), ("stop-string detokenizer", 2)]
+    ("engine update, after the step", 7), ("stop-string detokenizer", 2)]
     for error in (KeyboardInterrupt, RuntimeError)]
 
 

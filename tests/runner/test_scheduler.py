@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from runner.engine import update
+from runner.model_runner import SequenceResult
 from runner.sampling_params import SamplingParams
 from runner.scheduler import Scheduler, SchedulerOutput
 from state.config import CacheConfig, ModelConfig, RunnerConfig, SchedulerConfig
@@ -35,6 +37,17 @@ def fake_token(request: Request) -> int:
     seeded sampling is, so a preempted request regenerates nothing it already has."""
     rng = random.Random(f"{request.request_id}/{len(request.output_token_ids)}")
     return EOS if rng.random() < 0.1 else rng.randrange(1, 16)
+
+
+def results(sampled: dict[str, int]) -> dict[str, SequenceResult]:
+    """Step results that sample `sampled[request id]` (log-probability 0) and compute only
+    the others."""
+    return _Results({rid: SequenceResult(token_id=t, logprob=0.0) for rid, t in sampled.items()})
+
+
+class _Results(dict):
+    def __missing__(self, request_id: str) -> SequenceResult:
+        return SequenceResult()
 
 
 def make_scheduler(*, block_size: int, num_blocks: int, max_model_len: int, max_num_seqs: int,
@@ -119,7 +132,7 @@ def drive(sched: Scheduler, arrivals: list[tuple[int, Request]], max_steps: int 
             progress[r.request_id] = s.end
 
         sampled = {s.request.request_id: fake_token(s.request) for s in out.scheduled if s.samples}
-        finished = sched.update(out, sampled)
+        finished = update(sched, out, results(sampled))
 
         # -- after the step ----------------------------------------------------------------
         sched.pool.check_invariants([r.block_ids for r in sched.running])
@@ -204,7 +217,7 @@ def test_long_prompt_is_chunked_to_the_budget():
     while sched.has_unfinished():
         out = sched.schedule()
         chunks.append([(s.start, s.num_tokens) for s in out.scheduled])
-        sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+        update(sched, out, results({s.request.request_id: 7 for s in out.scheduled if s.samples}))
     assert chunks == [[(0, 8)], [(8, 8)], [(16, 4)], [(20, 1)]]
 
 
@@ -215,14 +228,14 @@ def test_chunked_prefill_off_runs_a_prompt_whole_or_waits():
     b = make_request(1, [2] * 12, max_tokens=1, ignore_eos=True)
     sched.add_request(a)
     out = sched.schedule()
-    sched.update(out, {"0": 3})
+    update(sched, out, results({"0": 3}))
     sched.add_request(b)
     out = sched.schedule()  # a decodes (1 token): the 11 left do not fit b's 12
     assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("0", 1)]
-    sched.update(out, {"0": 3})
+    update(sched, out, results({"0": 3}))
     out = sched.schedule()  # a's last decode; b still waits rather than run 11 of 12
     assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("0", 1)]
-    sched.update(out, {"0": 3})
+    update(sched, out, results({"0": 3}))
     assert a.is_finished
     out = sched.schedule()
     assert [(s.request.request_id, s.start, s.num_tokens) for s in out.scheduled] == [("1", 0, 12)]
@@ -257,7 +270,7 @@ def test_preemption_evicts_the_latest_and_resumes_it_first():
             # The most recently admitted was preempted, and it resumes before the fresh one.
             assert first_victim is reqs[2]
             assert sched.waiting[0] is reqs[2] and reqs[3] in sched.waiting
-        sched.update(out, {s.request.request_id: 5 for s in out.scheduled if s.samples})
+        update(sched, out, results({s.request.request_id: 5 for s in out.scheduled if s.samples}))
     assert first_victim is not None
     assert all(len(r.output_token_ids) == 8 for r in reqs)
     sched.pool.check_invariants([])
@@ -290,7 +303,7 @@ def test_abort_all_returns_every_block():
     for r in reqs:
         sched.add_request(r)
     out = sched.schedule()
-    sched.update(out, {s.request.request_id: 5 for s in out.scheduled if s.samples})
+    update(sched, out, results({s.request.request_id: 5 for s in out.scheduled if s.samples}))
     assert sched.running and sched.waiting
     sched.abort_all()
     assert not sched.has_unfinished()
@@ -309,6 +322,6 @@ def test_samples_flag_is_fixed_when_the_step_is_scheduled():
     flags = []
     while sched.has_unfinished():
         out = sched.schedule()
-        sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+        update(sched, out, results({s.request.request_id: 7 for s in out.scheduled if s.samples}))
         flags += [s.samples for s in out.scheduled]
     assert flags == [False, True, True, True]  # chunk 0..3, chunk 4..5 samples, two decodes

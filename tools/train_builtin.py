@@ -1,6 +1,6 @@
 """Train the built-in model: a small Qwen3-architecture model on Python's own sources.
 
-    python -m models.builtin.train            # writes models/builtin/{config.json,model.safetensors,tokenizer.json}
+    python -m tools.train_builtin            # writes models/builtin/{config.json,model.safetensors,tokenizer.json}
 
 Data: every `*.py` file of the running interpreter's standard library outside test
 folders, plus the `pydoc_data` help topics, in sorted path order. Files whose path hashes
@@ -33,12 +33,12 @@ import optax
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from models.flax_llama import CausalLM
+from models.flax_llama import CausalLM, next_token_loss
 from runner.bridge import params_from_flax, save_pretrained
 from runner.tokenizer import Tokenizer as RunnerTokenizer
 from state.config import ModelConfig
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent / "models" / "builtin"
 EOS = "<|endoftext|>"
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -90,21 +90,16 @@ def encode(tok: Tokenizer, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def loss_fn(model: CausalLM, batch: jax.Array) -> jax.Array:
-    logits = model(batch[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-
 @nnx.jit
 def train_step(model: CausalLM, optimizer: nnx.Optimizer, batch: jax.Array) -> jax.Array:
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    loss, grads = nnx.value_and_grad(next_token_loss)(model, batch)
     optimizer.update(model, grads)
     return loss
 
 
 @nnx.jit
 def eval_loss(model: CausalLM, batch: jax.Array) -> jax.Array:
-    return loss_fn(model, batch)
+    return next_token_loss(model, batch)
 
 
 def windows(tokens: np.ndarray, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
@@ -163,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_perplexity": round(math.exp(final), 2), "seconds": round(elapsed, 1),
     }
     (out / "TRAINING.md").write_text(
-        "# Built-in model\n\nTrained by `python -m models.builtin.train` (see its docstring).\n\n"
+        "# Built-in model\n\nTrained by `python -m tools.train_builtin` (see its docstring).\n\n"
         "```json\n" + json.dumps(summary, indent=2) + "\n```\n")
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,0 +1,165 @@
+"""The engine: requests in, one step at a time, finished requests out.
+
+One step is three calls, each owned by one stage:
+
+    out = scheduler.schedule()             which tokens of which requests run now
+    results = runner.execute_model(out)    the device computes them
+    finished = update(scheduler, out, results, tokenizer)   the one writer of results
+
+`update` is the only code that appends tokens and log-probabilities to a request or
+decides that it finished (EOS, stop token ids, stop strings, length). The `Engine` also
+pairs each lifecycle call with what it means for the cached prefixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from runner.model_runner import ModelRunner, SequenceResult
+from runner.outputs import top_logprobs
+from runner.sampling_params import SamplingParams
+from runner.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from runner.tokenizer import Tokenizer
+from state.config import Effect, RunnerConfig, changed_fields
+from state.request import Request
+
+
+class Engine:
+    """A `ModelRunner`, a `Scheduler` over its KV blocks, and the tokenizer."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, seed: int = 0) -> None:
+        self.runner = runner
+        self.scheduler = Scheduler(runner.config, runner.num_blocks)
+        self.tokenizer = tokenizer
+        self._rng = np.random.default_rng(seed)
+        self._next_id = 0
+
+    # -- requests ------------------------------------------------------------------------
+
+    def make_requests(self, prompt_token_ids: list[int], params: SamplingParams) -> list[Request]:
+        """The `n` requests of one prompt; unseeded ones draw their seed here."""
+        eos = self.runner.config.model_config.eos_token_ids
+        requests = []
+        for i in range(params.n):
+            seed = (params.seed + i) % 2**32 if params.seed is not None else int(self._rng.integers(2**32))
+            requests.append(Request(request_id=str(self._next_id), prompt_token_ids=list(prompt_token_ids),
+                                    sampling_params=params, seed=seed, eos_token_ids=eos))
+            self._next_id += 1
+        return requests
+
+    def add_requests(self, requests: Iterable[Request]) -> None:
+        for r in requests:
+            self.scheduler.add_request(r)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests it finished."""
+        out = self.scheduler.schedule()
+        results = self.runner.execute_model(out)
+        return update(self.scheduler, out, results, self.tokenizer)
+
+    def abort_all(self) -> None:
+        """Retire every live request. A step interrupted mid-flight may have lost the cache
+        contents, so no cached prefix can be trusted any more either."""
+        self.scheduler.abort_all()
+        self.scheduler.reset_prefix_cache()
+
+    # -- lifecycle: prefixes computed under the old state are dropped first ---------------
+
+    def update_config(self, overrides: dict[str, Any]) -> RunnerConfig:
+        old = self.runner.config
+        new = self.runner.update_config(overrides)
+        self.scheduler.config = new
+        # KV computed under other RoPE or norm settings would be reused silently.
+        if any(effect is Effect.RECOMPILE and name.startswith("model_config.")
+               for name, effect in changed_fields(old, new)):
+            self.scheduler.reset_prefix_cache()
+        return new
+
+    def reload_weights(self, **source: Any) -> None:
+        self.scheduler.reset_prefix_cache()  # first: an interrupt after it leaves nothing stale
+        self.runner.reload_weights(**source)
+        self.scheduler.config = self.runner.config  # a weights_path becomes model_config.model
+
+    def sleep(self, level: int) -> None:
+        self.scheduler.reset_prefix_cache()  # the KV contents are about to go
+        self.runner.sleep(level)
+
+    def wake_up(self, tags: list[str] | None) -> None:
+        self.runner.wake_up(tags)
+
+
+def update(scheduler: Scheduler, out: SchedulerOutput, results: dict[str, SequenceResult],
+           tokenizer: Tokenizer | None = None) -> list[Request]:
+    """Write one step's results into its requests; returns those that finished.
+
+    A request that reached its length limit is checked for stop strings too: a stop
+    string its last token completes still wins (finish_reason "stop", string cut from the
+    text), as in vLLM. One stopped by EOS or a stop token id is not: that token's text is
+    never part of the output.
+    """
+    finished = []
+    for s in out.scheduled:
+        request, result = s.request, results[s.request.request_id]
+        scheduler.advance(s)
+        if result.prompt_logprobs is not None:
+            _record_prompt_logprobs(s, result)
+        if not s.samples:
+            continue
+        _record_sample(request, result)
+        reason = _token_stop(request, result.token_id, scheduler.max_model_len)
+        if (reason is None or reason[0] == "length") and request.sampling_params.stop_strings:
+            hit = _stop_string(request, tokenizer)
+            reason = ("stop", hit) if hit is not None else reason
+        if reason is not None:
+            scheduler.finish(request, *reason)
+            finished.append(request)
+    return finished
+
+
+def _record_sample(request: Request, result: SequenceResult) -> None:
+    request.output_token_ids.append(result.token_id)
+    request.cumulative_logprob += result.logprob
+    k = request.sampling_params.logprobs
+    if k is not None:
+        request.output_logprobs.append(
+            top_logprobs(result.top_ids, result.top_logprobs, k, result.token_id, result.logprob))
+
+
+def _record_prompt_logprobs(s: ScheduledRequest, result: SequenceResult) -> None:
+    """Row j of the chunk is computed at position start + j and belongs to the prompt's next
+    position; a recomputation after preemption revisits positions already recorded."""
+    request, plp = s.request, result.prompt_logprobs
+    prompt, k = request.prompt_token_ids, request.sampling_params.prompt_logprobs
+    for j, pos in enumerate(range(s.start, s.end)):
+        if pos == len(request.prompt_logprobs) and pos + 1 < len(prompt):
+            request.prompt_logprobs.append(top_logprobs(
+                plp.top_ids[j], plp.top_logprobs[j], k, prompt[pos + 1], float(plp.next_logprobs[j])))
+
+
+def _token_stop(request: Request, token: int, max_model_len: int) -> tuple[str, int | None] | None:
+    """(finish reason, stop reason) when `token` ends the request, from token ids alone."""
+    params = request.sampling_params
+    num_out = len(request.output_token_ids)
+    if num_out >= params.min_tokens:
+        if not params.ignore_eos and token in request.eos_token_ids:
+            return "stop", None
+        if params.stop_token_ids and token in params.stop_token_ids:
+            return "stop", token
+    if num_out >= params.max_tokens or request.num_tokens >= max_model_len:
+        return "length", None
+    return None
+
+
+def _stop_string(request: Request, tokenizer: Tokenizer) -> str | None:
+    """The stop string occurring earliest in the request's text, if any."""
+    params = request.sampling_params
+    text = tokenizer.decode(request.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+    found = [(text.find(s), s) for s in params.stop_strings if s in text]
+    return min(found)[1] if found else None
+

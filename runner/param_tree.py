@@ -1,0 +1,251 @@
+"""The one parameter-tree builder: named arrays in, a checked, placed `Params` tree out.
+
+Every weight source ends here: safetensors files and checkpoint-name iterators (through
+`runner.loader`), leaf-path iterators and whole trees (`runner.lifecycle`), Flax models
+(`runner.bridge`) and orbax checkpoints (`runner.orbax_io`). The rules live in this
+module only:
+
+    names     every leaf at most once; a leaf the model does not have is refused
+    arrays    numpy, JAX, torch (bfloat16 and requires_grad included) or anything with
+              `__array__`; abstract leaves and structured dtypes are refused
+    dtypes    floating only; cast to the model dtype (checkpoints) or required equal
+              (trees in the runner's own layout: never converted silently)
+    shapes    exactly the abstract tree's, in the layout the source gives (a transposed
+              checkpoint tensor is checked as the checkpoint stores it)
+    KV scales `[]` or `[1]`, finite and positive; 1.0 where a complete source omits them
+    values    finite, unless `check_finite` is off
+    memory    a caller's array is copied: sleep deletes the runner's buffers, and a caller
+              mutating its arrays in place must not change what is served
+
+`validate_params` checks a complete tree's structure, shapes and dtypes without building
+anything (for writers: orbax saves, HF export).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.checkpoint import OPTIONAL_LEAF_SUFFIXES, checkpoint_name
+from state.config import ModelConfig
+from state.params import Params, abstract_params, leaf_paths
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (folder, file or tensor) is missing, malformed or does not fit the model."""
+
+
+class Tensor(NamedTuple):
+    """One array on its way into the tree."""
+
+    path: str  # leaf path, as `state.params.leaf_paths` spells it
+    array: Any
+    label: str  # how messages name it: "tensor 'model.norm.weight'", "leaf 'final_norm'"
+    transposed: bool = False  # given as the checkpoint stores it: [out, in] for [in, out] leaves
+
+
+def leaf_tensors(named: Iterable[tuple[str, Any]]) -> Iterable[Tensor]:
+    """`(leaf path, array)` pairs in the runner's own layout, as `Tensor`s."""
+    return (Tensor(path, array, f"leaf {path!r}") for path, array in named)
+
+
+def tree_tensors(params: Any, cfg: ModelConfig) -> Iterable[Tensor]:
+    """The leaves of a whole tree, after its structure is checked against `cfg`."""
+    check_structure(params, cfg)
+    return leaf_tensors(zip(leaf_paths(params), jax.tree.leaves(params)))
+
+
+def assemble(tensors: Iterable[Tensor], cfg: ModelConfig, *, base: Params | None = None,
+             shardings: Params | None = None, cast: bool = False, copy: bool = True,
+             check_finite: bool = True, source: str = "weights") -> Params:
+    """Build the tree of `cfg` from `tensors`.
+
+    Args:
+        tensors: the arrays, each naming its leaf.
+        base: when given, a subset of leaves is allowed: the others come from `base`.
+        shardings: a `Params` tree of shardings to place each leaf on (None: leave arrays
+            where they are, e.g. a training model's tree handed over as it is).
+        cast: convert floating arrays to the model dtype (checkpoints); otherwise a
+            different dtype is an error.
+        copy: the arrays belong to a caller: the tree gets its own copies.
+        check_finite: refuse NaN and infinite values.
+        source: what the message for missing leaves calls the tensors ("checkpoint").
+
+    Raises:
+        CheckpointError: naming the first tensor that breaks a rule, or the missing leaves.
+    """
+    abstract = abstract_params(cfg)
+    paths = leaf_paths(abstract)
+    specs = dict(zip(paths, jax.tree.leaves(abstract)))
+    placements = dict(zip(paths, jax.tree.leaves(shardings))) if shardings is not None else {}
+    leaves: dict[str, Any] = {}
+    on_device: list[tuple[str, Tensor]] = []  # finiteness checked in one program at the end
+    for t in tensors:
+        if t.path not in specs:
+            raise CheckpointError(f"unexpected {t.label}: the model has no leaf {t.path!r} "
+                                  "(leaves are named like 'embed', 'layers.0.wq')")
+        if t.path in leaves:
+            raise CheckpointError(f"{t.label} appears twice")
+        array = _checked(t, specs[t.path], cast, check_finite)
+        if isinstance(array, jax.Array):
+            on_device.append((t.path, t))
+        leaves[t.path] = _place(array, placements.get(t.path), copy)
+    if check_finite and on_device:
+        finite = jax.device_get(_finite_leaves([leaves[p] for p, _ in on_device]))
+        bad = [t for (_, t), ok in zip(on_device, finite) if not ok]
+        if bad:
+            raise CheckpointError(f"{bad[0].label} holds NaN or infinite values "
+                                  "(load_config.check_finite=False accepts them)")
+    return _complete(leaves, abstract, base, placements, source)
+
+
+def _checked(t: Tensor, spec: jax.ShapeDtypeStruct, cast: bool, check_finite: bool) -> Any:
+    """The tensor's array in leaf layout, once every per-tensor rule holds."""
+    array = as_array(t.array, t.label)
+    dtype = np.dtype(array.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise CheckpointError(f"{t.label} has dtype {dtype}; expected a floating type")
+    optional = t.path.endswith(OPTIONAL_LEAF_SUFFIXES)
+    if optional and array.size == 1:
+        array = array.reshape(())  # FP8 exporters write KV scales as [] or [1]
+    expected = spec.shape[::-1] if t.transposed else spec.shape
+    if tuple(array.shape) != expected:
+        raise CheckpointError(f"{t.label} has shape {tuple(array.shape)}; expected {expected}")
+    converted = dtype != spec.dtype
+    if converted and not cast:
+        raise CheckpointError(f"{t.label} has dtype {dtype}; expected {np.dtype(spec.dtype).name} "
+                              "(convert explicitly with .astype before handing it over)")
+    if optional:
+        value = float(np.asarray(array, np.float32))
+        if not (np.isfinite(value) and value > 0):
+            raise CheckpointError(f"{t.label} is {value}; a KV cache scale must be a positive "
+                                  "number (the cache stores values divided by it)")
+    if t.transposed:
+        # A transposed view goes to the device as it is: the transfer lays it out row-major
+        # faster than a numpy copy would (and a cast keeps the view's order).
+        array = array.T
+    if converted:
+        # Cast before the finiteness check: a float64 value beyond float32's range becomes inf.
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = array.astype(spec.dtype)
+    # isfinite reads a host array where it lies (bfloat16 included): no float32 copy.
+    if check_finite and isinstance(array, np.ndarray) and not np.isfinite(array).all():
+        detail = f" once converted to {np.dtype(spec.dtype).name}" if converted else ""
+        raise CheckpointError(f"{t.label} holds NaN or infinite values{detail} "
+                              "(load_config.check_finite=False accepts them)")
+    return array
+
+
+def as_array(value: Any, label: str) -> np.ndarray | jax.Array:
+    """A numpy or JAX array holding `value`'s data.
+
+    Torch tensors are read without importing torch: detached, moved to the host, and
+    bfloat16 reinterpreted bit for bit (numpy has no bfloat16; ml_dtypes' is JAX's).
+    """
+    if isinstance(value, jax.ShapeDtypeStruct) or (
+            isinstance(value, jax.Array) and not hasattr(value, "addressable_shards")):
+        raise CheckpointError(f"{label} is an abstract array ({type(value).__name__}) with no values")
+    if isinstance(value, jax.Array):
+        return value
+    if type(value).__module__.startswith("torch"):
+        value = _torch_to_numpy(value)
+    try:
+        array = np.asarray(value)
+    except Exception as e:  # noqa: BLE001 - any object may fail its own conversion
+        raise CheckpointError(f"{label} cannot be read as an array: {type(e).__name__}: {e}") from e
+    if array.dtype.fields is not None or array.dtype == object:
+        raise CheckpointError(f"{label} has dtype {array.dtype}; expected a floating type")
+    return array
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        import torch  # only reached when the caller already has torch loaded
+
+        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+    return tensor.numpy()
+
+
+def _place(array: Any, sharding: Any, copy: bool) -> Any:
+    if sharding is None and not copy:
+        return array
+    if copy and isinstance(array, np.ndarray):
+        # On CPU, device_put may keep pointing at an aligned numpy buffer even with
+        # may_alias=False: copy on the host first so the caller's array stays its own.
+        array = np.array(array, copy=True)
+    return jax.device_put(array, sharding, may_alias=False if copy else None)
+
+
+def _complete(leaves: dict[str, Any], abstract: Params, base: Params | None,
+              placements: dict[str, Any], source: str) -> Params:
+    """The full tree: `leaves`, then `base`'s leaves, then 1.0 for omitted KV scales."""
+    paths = leaf_paths(abstract)
+    if base is None:
+        missing = [p for p in paths if p not in leaves and not p.endswith(OPTIONAL_LEAF_SUFFIXES)]
+        if missing:
+            names = [f"{p} ({checkpoint_name(p)[0]})" for p in missing]
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            raise CheckpointError(f"{source} lacks {len(missing)} tensor(s) the model needs: {shown} "
+                                  "(a reload of only some tensors needs weights already loaded)")
+        # FP8 KV scales a source omits are 1.0: values are stored unscaled.
+        fill = {p: jax.device_put(np.ones((), np.float32), placements.get(p))
+                for p in paths if p not in leaves}
+    else:
+        fill = dict(zip(paths, jax.tree.leaves(base)))
+    return jax.tree.unflatten(jax.tree.structure(abstract),
+                              [leaves[p] if p in leaves else fill[p] for p in paths])
+
+
+def check_structure(params: Any, cfg: ModelConfig) -> None:
+    """Refuse a tree whose containers or leaf paths differ from the model's."""
+    abstract = abstract_params(cfg)
+    try:
+        got = leaf_paths(params)
+        same = jax.tree.structure(params) == jax.tree.structure(abstract)
+    except Exception as e:  # noqa: BLE001 - anything unflattenable is a structure error
+        raise CheckpointError(f"params is not a parameter tree: {e}") from e
+    if same:
+        return
+    expected = leaf_paths(abstract)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if not missing and not extra:
+        raise CheckpointError(f"params tree has the model's leaves in other containers: got "
+                              f"{jax.tree.structure(params)}; expected {jax.tree.structure(abstract)} "
+                              "(a state.params.Params with a tuple of LayerParams)")
+    raise CheckpointError(f"params tree does not match the model: missing leaves {missing[:8]}, "
+                          f"unexpected leaves {extra[:8]} (expected a state.params.Params)")
+
+
+def validate_params(params: Any, cfg: ModelConfig, *, check_finite: bool = True) -> None:
+    """Check a complete tree in the runner's layout against `cfg`, building nothing.
+
+    Raises:
+        CheckpointError: naming the first leaf whose structure, shape, dtype or values differ.
+    """
+    check_structure(params, cfg)
+    abstract = abstract_params(cfg)
+    paths = leaf_paths(abstract)
+    for path, leaf, spec in zip(paths, jax.tree.leaves(params), jax.tree.leaves(abstract)):
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if shape is None or tuple(shape) != spec.shape:
+            raise CheckpointError(f"leaf {path!r} has shape {shape}; expected {spec.shape}")
+        if dtype != spec.dtype:
+            raise CheckpointError(f"leaf {path!r} has dtype {dtype}; expected {spec.dtype} "
+                                  "(convert explicitly with .astype before handing it over)")
+    if check_finite:
+        finite = jax.device_get(_finite_leaves(jax.tree.leaves(params)))
+        bad = [p for p, ok in zip(paths, finite) if not ok]
+        if bad:
+            raise CheckpointError(f"leaf {bad[0]!r} holds NaN or infinite values")
+
+
+@jax.jit
+def _finite_leaves(leaves: list[jax.Array]) -> jax.Array:
+    """[num_leaves] bool: one program per tree shape, one transfer for the whole tree."""
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
