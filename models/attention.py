@@ -44,13 +44,15 @@ def write_kv(cache: KVCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
              k_scale: jax.Array, v_scale: jax.Array) -> KVCache:
     """Scatter `k, v: [T, K, Dh]` into their slots; slot -1 writes nothing."""
     P, S, K, Dh = cache.k.shape
-    # Negative indices would wrap to the last slot; point padding past the end and drop it.
-    slots = jnp.where(slot_mapping < 0, P * S, slot_mapping)
+    # Indexed by (block, offset) on the 4-d cache, not by slot on a [P*S] reshape: around a
+    # reshape XLA's CPU backend copied the whole cache whenever attention then read it (one
+    # row: 110 ms against 0.5 ms for 16 layer caches of 3.2 MB). Negative slots would wrap to
+    # the last block; they point past the end and are dropped.
+    blocks = jnp.where(slot_mapping < 0, P, slot_mapping // S)
+    offsets = slot_mapping % S
 
     def scatter(pages: jax.Array, new: jax.Array, scale: jax.Array) -> jax.Array:
-        rows = pages.reshape(P * S, K, Dh)
-        rows = rows.at[slots].set(quantise(new, scale, pages.dtype), mode="drop")
-        return rows.reshape(P, S, K, Dh)
+        return pages.at[blocks, offsets].set(quantise(new, scale, pages.dtype), mode="drop")
 
     return KVCache(k=scatter(cache.k, k, k_scale), v=scatter(cache.v, v, v_scale))
 

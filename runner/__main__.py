@@ -41,7 +41,7 @@ def _bench(args: argparse.Namespace) -> int:
     if "batch_sizes" in given:
         given["batch_sizes"] = tuple(given["batch_sizes"])
     bench.run(bench.Workload(**given), model=args.model, reference=not args.no_reference,
-              output=args.output)
+              output=args.output, vllm_python=args.vllm_python, decode_window=args.decode_window)
     return 0
 
 
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ("batch_sizes", "dtype"):
             b.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     b.add_argument("--no-reference", action="store_true", help="skip transformers")
+    b.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="a Python with vLLM installed: run the same workload on vLLM too")
+    b.add_argument("--decode-window", type=int, default=0, help="decode steps per device call (0: auto)")
     b.add_argument("--output", default="bench.json", help="JSON report path")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)

@@ -6,16 +6,22 @@ float32, seeded random weights); per batch size, prompts of 128 seeded random to
 64 new tokens, greedy, EOS ignored; one warm-up, then the median of `repeats` timed calls.
 
 The figure to track is the ratio ours / reference per batch size; absolute times on a
-shared machine are noise. Model bandwidth utilisation (MBU) divides the weight bytes read
-per decode step by the step time and by the read bandwidth measured in the same run.
+shared machine are noise. The decode step is (time(max_tokens=49) - time(max_tokens=1)) / 48
+(fewer steps when max_tokens is smaller). Model bandwidth utilisation (MBU) divides the
+weight bytes read per decode step by the step time and by the read bandwidth measured in
+the same run; the FLOP share divides the step's matmul FLOPs, at the rate a large matmul
+reaches in the same run, by the step time. With `vllm_python`, vLLM runs the same
+workload in a subprocess of that interpreter (a benchmark peer, never a dependency).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -83,6 +89,23 @@ def measure_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     return nbytes / _median_time(lambda: total(x).block_until_ready(), repeats)
 
 
+def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
+    """FLOP/s of a jitted n x n x n matmul: the rate the step's matmuls could reach at best."""
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(jnp.matmul)
+    mm(a, a).block_until_ready()
+    return 2 * n ** 3 / _median_time(lambda: mm(a, a).block_until_ready(), repeats)
+
+
+def matmul_flops_per_row(params: Any) -> int:
+    """FLOPs one decode row spends in matmuls: 2 per weight of every layer and the lm_head
+    (the embedding lookup is a gather, unless tied, when it is also the lm_head)."""
+    layers = sum(x.size for layer in params.layers for x in
+                 (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
+    head = params.embed.size if params.lm_head is None else params.lm_head.size
+    return 2 * (layers + head)
+
+
 def _peak_memory_bytes() -> int:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -90,33 +113,48 @@ def _peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _figures(batch_size: int, w: Workload, total_s: float, ttft_s: float, weight_bytes: int,
+def step_tokens(w: Workload) -> int:
+    """max_tokens of the run whose time, less the one-token run's, gives the decode step."""
+    return min(49, w.max_tokens)
+
+
+def _figures(batch_size: int, w: Workload, times: dict[str, float], weight_bytes: int,
              bandwidth: float) -> dict[str, float]:
-    step_s = (total_s - ttft_s) / max(w.max_tokens - 1, 1)
+    total_s, ttft_s = times["total_s"], times["ttft_s"]
+    step_s = (times["step_run_s"] - ttft_s) / max(step_tokens(w) - 1, 1)
     return {
         "tokens_per_s": batch_size * w.max_tokens / total_s,
         "total_s": total_s,
         "ttft_s": ttft_s,
+        "step_run_s": times["step_run_s"],
         "decode_ms_per_step": 1000 * step_s,
         "prefill_tokens_per_s": batch_size * w.prompt_len / ttft_s,
         "mbu": weight_bytes / step_s / bandwidth,
     }
 
 
+def _time_runs(run: Callable[[int], Any], w: Workload) -> dict[str, float]:
+    """Median times of runs of 1, `step_tokens` and max_tokens new tokens."""
+    return {"ttft_s": _median_time(lambda: run(1), w.repeats),
+            "step_run_s": _median_time(lambda: run(step_tokens(w)), w.repeats),
+            "total_s": _median_time(lambda: run(w.max_tokens), w.repeats)}
+
+
 def bench_ours(llm: LLM, w: Workload, batch_size: int, weight_bytes: int,
                bandwidth: float) -> dict[str, float]:
     prompts = [{"prompt_token_ids": p} for p in w.prompts(batch_size)]
-    full = SamplingParams(temperature=0, max_tokens=w.max_tokens, ignore_eos=True)
-    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def run(n: int) -> None:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+
     with CompileCounter() as compiles:
         start = time.perf_counter()
-        llm.generate(prompts, full, use_tqdm=False)
-        llm.generate(prompts, first, use_tqdm=False)
+        run(w.max_tokens)
+        run(1)
         warmup_s = time.perf_counter() - start
     with CompileCounter() as after:
-        ttft = _median_time(lambda: llm.generate(prompts, first, use_tqdm=False), w.repeats)
-        total = _median_time(lambda: llm.generate(prompts, full, use_tqdm=False), w.repeats)
-    return {**_figures(batch_size, w, total, ttft, weight_bytes, bandwidth),
+        times = _time_runs(run, w)
+    return {**_figures(batch_size, w, times, weight_bytes, bandwidth),
             "compiles": compiles.count, "compiles_after_warmup": after.count, "warmup_s": warmup_s,
             "peak_memory_bytes": _peak_memory_bytes()}
 
@@ -137,15 +175,56 @@ def bench_transformers(folder: Path, w: Workload, batch_size: int, weight_bytes:
                            pad_token_id=0)
 
     run(w.max_tokens)
-    ttft = _median_time(lambda: run(1), w.repeats)
-    total = _median_time(lambda: run(w.max_tokens), w.repeats)
-    return _figures(batch_size, w, total, ttft, weight_bytes, bandwidth)
+    return _figures(batch_size, w, _time_runs(run, w), weight_bytes, bandwidth)
+
+
+VLLM_SCRIPT = """
+import json, statistics, sys, time
+from vllm import LLM, SamplingParams
+job = json.loads(sys.argv[1])
+llm = LLM(job["folder"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
+          skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=job["max_num_seqs"])
+out = {}
+for b, prompts in job["prompts"].items():
+    prompts = [{"prompt_token_ids": p} for p in prompts]
+    def run(n):
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                                             detokenize=False), use_tqdm=False)
+    def median(n):
+        times = []
+        for _ in range(job["repeats"]):
+            start = time.perf_counter(); run(n); times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    run(job["max_tokens"]); run(1)
+    out[b] = {"ttft_s": median(1), "step_run_s": median(job["step_tokens"]),
+              "total_s": median(job["max_tokens"])}
+print("VLLM_TIMES " + json.dumps(out))
+"""
+
+
+def bench_vllm(python: str, folder: Path, w: Workload, weight_bytes: int,
+               bandwidth: float) -> dict[int, dict[str, float]]:
+    """W1 on vLLM, run by the interpreter `python` in a subprocess (its CPU KV cache: 2 GiB)."""
+    job = {"folder": str(folder), "dtype": w.dtype, "max_model_len": w.prompt_len + w.max_tokens,
+           "max_num_seqs": max(w.batch_sizes), "repeats": w.repeats, "max_tokens": w.max_tokens,
+           "step_tokens": step_tokens(w), "prompts": {b: w.prompts(b) for b in w.batch_sizes}}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env.pop("PYTHONPATH", None)  # vLLM must not import this project's packages
+    done = subprocess.run([python, "-c", VLLM_SCRIPT, json.dumps(job)], capture_output=True,
+                          text=True, env=env, timeout=3600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("VLLM_TIMES ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"vLLM run with {python} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    times = json.loads(lines[-1].removeprefix("VLLM_TIMES "))
+    return {int(b): _figures(int(b), w, t, weight_bytes, bandwidth) for b, t in times.items()}
 
 
 def run(w: Workload = Workload(), model: str | None = None, reference: bool = True,
-        output: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        output: str | Path | None = None, log: Callable[[str], None] = print,
+        vllm_python: str | None = None, decode_window: int = 0) -> dict[str, Any]:
     """Run W1 (or `model`'s weights with W1's prompts) and return every figure as a dict."""
     bandwidth = measure_read_bandwidth()
+    flops = measure_matmul_flops(dtype=w.dtype)
     max_len = w.prompt_len + w.max_tokens
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
@@ -157,15 +236,22 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
         blocks_per_seq = cdiv(max_len, 16)
         llm = LLM(str(folder), dtype=w.dtype, max_model_len=max_len,
                   num_kv_blocks=blocks_per_seq * max(w.batch_sizes) + 1,
-                  max_num_seqs=max(w.batch_sizes), enable_prefix_caching=False)
+                  max_num_seqs=max(w.batch_sizes), enable_prefix_caching=False,
+                  decode_window=decode_window)
         weight_bytes = param_bytes(llm.runner.params)
+        row_flops = matmul_flops_per_row(llm.runner.params)
+        vllm = bench_vllm(vllm_python, folder, w, weight_bytes, bandwidth) if vllm_python else {}
         results = []
         for b in w.batch_sizes:
             row: dict[str, Any] = {"batch_size": b,
                                    "ours": bench_ours(llm, w, b, weight_bytes, bandwidth)}
+            row["ours"]["flop_share"] = b * row_flops / flops / (row["ours"]["decode_ms_per_step"] / 1000)
             if reference:
                 row["reference"] = bench_transformers(folder, w, b, weight_bytes, bandwidth)
                 row["ratio"] = row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
+            if b in vllm:
+                row["vllm"] = vllm[b]
+                row["ratio_vllm"] = row["ours"]["tokens_per_s"] / vllm[b]["tokens_per_s"]
             results.append(row)
             log(_row_text(row))
     report = {
@@ -173,6 +259,8 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.devices()[0].platform,
         "read_bandwidth_gb_per_s": bandwidth / 1e9,
+        "matmul_gflop_per_s": flops / 1e9,
+        "matmul_flops_per_row": row_flops,
         "weight_bytes": weight_bytes,
         "results": results,
     }
@@ -185,9 +273,14 @@ def _row_text(row: dict[str, Any]) -> str:
     o = row["ours"]
     text = (f"batch {row['batch_size']:3d}: ours {o['tokens_per_s']:8.1f} tok/s, "
             f"TTFT {1000 * o['ttft_s']:7.1f} ms, decode {o['decode_ms_per_step']:6.2f} ms/step, "
-            f"MBU {100 * o['mbu']:5.1f}%, compiles {o['compiles']} (+{o['compiles_after_warmup']})")
+            f"MBU {100 * o['mbu']:5.1f}%, FLOP share {100 * o['flop_share']:5.1f}%, "
+            f"compiles {o['compiles']} (+{o['compiles_after_warmup']})")
     if "reference" in row:
         r = row["reference"]
         text += (f" | transformers {r['tokens_per_s']:8.1f} tok/s, decode "
                  f"{r['decode_ms_per_step']:6.2f} ms/step | ratio {row['ratio']:.2f}")
+    if "vllm" in row:
+        v = row["vllm"]
+        text += (f" | vLLM {v['tokens_per_s']:8.1f} tok/s, decode {v['decode_ms_per_step']:6.2f} ms/step"
+                 f" | ours/vLLM {row['ratio_vllm']:.2f}")
     return text

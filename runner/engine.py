@@ -98,6 +98,9 @@ def update(scheduler: Scheduler, out: SchedulerOutput, results: dict[str, Sequen
            tokenizer: Tokenizer | None = None) -> list[Request]:
     """Write one step's results into its requests; returns those that finished.
 
+    A decode window brings several tokens per request: they are taken in order, each
+    checked as if it came alone, and those after the one that finishes are dropped.
+
     A request that reached its length limit is checked for stop strings too: a stop
     string its last token completes still wins (finish_reason "stop", string cut from the
     text), as in vLLM. One stopped by EOS or a stop token id is not: that token's text is
@@ -106,29 +109,42 @@ def update(scheduler: Scheduler, out: SchedulerOutput, results: dict[str, Sequen
     finished = []
     for s in out.scheduled:
         request, result = s.request, results[s.request.request_id]
-        scheduler.advance(s)
         if result.prompt_logprobs is not None:
             _record_prompt_logprobs(s, result)
         if not s.samples:
+            scheduler.advance(s)
             continue
-        _record_sample(request, result)
-        reason = _token_stop(request, result.token_id, scheduler.max_model_len)
-        if (reason is None or reason[0] == "length") and request.sampling_params.stop_strings:
-            hit = _stop_string(request, tokenizer)
-            reason = ("stop", hit) if hit is not None else reason
+        num_kept, reason = _record_tokens(request, result, scheduler.max_model_len, tokenizer)
+        scheduler.advance(s, num_kept)
         if reason is not None:
             scheduler.finish(request, *reason)
             finished.append(request)
     return finished
 
 
-def _record_sample(request: Request, result: SequenceResult) -> None:
-    request.output_token_ids.append(result.token_id)
-    request.cumulative_logprob += result.logprob
+def _record_tokens(request: Request, result: SequenceResult, max_model_len: int,
+                   tokenizer: Tokenizer | None) -> tuple[int, tuple[str, int | str | None] | None]:
+    """Append the step's tokens in order up to the first that ends the request (those after
+    it, e.g. past a stop string, are dropped). Returns how many were kept and the reason."""
+    for j in range(len(result.token_ids)):
+        _record_sample(request, result, j)
+        reason = _token_stop(request, result.token_ids[j], max_model_len)
+        if (reason is None or reason[0] == "length") and request.sampling_params.stop_strings:
+            hit = _stop_string(request, tokenizer)
+            reason = ("stop", hit) if hit is not None else reason
+        if reason is not None:
+            return j + 1, reason
+    return len(result.token_ids), None
+
+
+def _record_sample(request: Request, result: SequenceResult, j: int) -> None:
+    token, logprob = result.token_ids[j], result.logprobs[j]
+    request.output_token_ids.append(token)
+    request.cumulative_logprob += logprob
     k = request.sampling_params.logprobs
     if k is not None:
         request.output_logprobs.append(
-            top_logprobs(result.top_ids, result.top_logprobs, k, result.token_id, result.logprob))
+            top_logprobs(result.top_ids[j], result.top_logprobs[j], k, token, logprob))
 
 
 def _record_prompt_logprobs(s: ScheduledRequest, result: SequenceResult) -> None:

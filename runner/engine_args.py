@@ -32,6 +32,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    decode_window: int = 0
     kv_cache_dtype: str = "auto"
     attention_backend: str | None = None
     tensor_parallel_size: int = 1
@@ -68,7 +69,8 @@ class EngineArgs:
                 enable_sleep_mode=self.enable_sleep_mode),
             scheduler_config=SchedulerConfig(
                 max_model_len=max_model_len, max_num_seqs=self.max_num_seqs,
-                max_num_batched_tokens=max_tokens, enable_chunked_prefill=self.enable_chunked_prefill),
+                max_num_batched_tokens=max_tokens, enable_chunked_prefill=self.enable_chunked_prefill,
+                decode_window=self.decode_window),
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
                                            data_parallel_size=self.data_parallel_size),
         )

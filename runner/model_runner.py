@@ -2,9 +2,12 @@
 
 The jitted functions below are the whole device program. They take every array as an
 argument (weights are never closed over, so a weight swap cannot recompile) and the KV
-cache is donated (updated in place). Forward and sampling are two programs: their shape
-keys differ (tokens and blocks versus sequences and sampler switches), so keeping them
-apart makes the number of compilations a sum, not a product.
+cache is donated (updated in place). Two programs serve a step: the general step (forward
+of prefills and chunks, then sampling of the rows that finish their known tokens) and the
+decode window (`runner.decode_loop`: up to K decode steps with sampling inside). Sampling
+sits in the same program as the forward: the sampler's stages are switched on the device
+(`sample_switched`), so its switches add no compilations, and no hidden state or logits
+cross a program boundary. On W1 at batch 1 a separate sampler program cost ~4 ms a step.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from models.llama import compute_logits, forward
 from runner import lifecycle, sharding
-from runner.prepare import BucketSizes, prepare_batch, prepare_sampling
-from runner.sampler import SamplerFlags, SamplingMetadata, prompt_logprobs, sample
+from runner.decode_loop import DecodeState, RowSettings, WindowOutput, decode_window, step_metadata
+from runner.prepare import BucketSizes, prepare_batch, prepare_rows, prepare_state, window_block_tables
+from runner.sampler import SamplerOutput, prompt_logprobs, sample_switched
 from runner.scheduler import SchedulerOutput
 from state.batch import Batch, bucket
 from state.config import ModelConfig, RunnerConfig
@@ -29,29 +33,41 @@ from state.params import Params
 from state.runner_state import RunnerState
 
 
+def _keep_shardings(kv_cache: tuple[KVCache, ...], kv_shardings: Any) -> tuple[KVCache, ...]:
+    """The updated cache keeps the input's sharding: the next step then finds the same
+    signature (no recompilation) and the donated buffers can be reused in place."""
+    if kv_shardings is None:
+        return kv_cache
+    return jax.lax.with_sharding_constraint(kv_cache, tuple(KVCache(k=k, v=v) for k, v in kv_shardings))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "kv_shardings"),
                    donate_argnames=("kv_cache",))
 def _forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
                   backend: str, kv_shardings: Any) -> tuple[jax.Array, tuple[KVCache, ...]]:
     hidden, kv_cache = forward(params, kv_cache, batch, cfg, backend)
-    if kv_shardings is not None:
-        # The updated cache keeps the input's sharding: the next step then finds the same
-        # signature (no recompilation) and the donated buffers can be reused in place.
-        kv_cache = jax.lax.with_sharding_constraint(
-            kv_cache, tuple(KVCache(k=k, v=v) for k, v in kv_shardings))
-    return hidden, kv_cache
+    return hidden, _keep_shardings(kv_cache, kv_shardings)
 
 
-@functools.partial(jax.jit, static_argnames=("flags", "out_sharding"))
-def _sample_step(params: Params, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags,
-                 out_sharding: Any):
-    return _constrain(sample(compute_logits(params, rows), meta, flags), out_sharding)
+@functools.partial(jax.jit, static_argnames=("cfg", "backend", "kv_shardings", "out_sharding"),
+                   donate_argnames=("kv_cache",))
+def _general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, rows: RowSettings,
+                  state: DecodeState, cfg: ModelConfig, backend: str, kv_shardings: Any,
+                  out_sharding: Any) -> tuple[SamplerOutput, jax.Array, tuple[KVCache, ...]]:
+    hidden, kv_cache = forward(params, kv_cache, batch, cfg, backend)
+    kv_cache = _keep_shardings(kv_cache, kv_shardings)
+    logits = compute_logits(params, hidden[batch.logits_indices])
+    sampled = sample_switched(logits, step_metadata(rows, state), rows.wants_logprobs)
+    return _constrain(sampled, out_sharding), hidden, kv_cache
 
 
-@jax.jit
-def select_rows(hidden: jax.Array, logits_indices: jax.Array) -> jax.Array:
-    """[B, D] hidden states of the tokens that predict a next token."""
-    return hidden[logits_indices]
+@functools.partial(jax.jit, static_argnames=("cfg", "backend", "max_steps", "kv_shardings", "out_sharding"),
+                   donate_argnames=("kv_cache",))
+def _decode_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+                 num_steps: jax.Array, cfg: ModelConfig, backend: str, max_steps: int, kv_shardings: Any,
+                 out_sharding: Any) -> tuple[WindowOutput, tuple[KVCache, ...]]:
+    kv_cache, _, out = decode_window(params, kv_cache, rows, state, num_steps, cfg, backend, max_steps)
+    return _constrain(out, out_sharding), _keep_shardings(kv_cache, kv_shardings)
 
 
 @functools.partial(jax.jit, static_argnames=("out_sharding",))
@@ -67,10 +83,22 @@ def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cf
                          kv_shardings=_named_shardings(kv_cache))
 
 
-def sample_step(params: Params, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags):
-    """Sampled tokens and log-probabilities for `rows: [B, D]` hidden states, replicated on
-    every device of the weights' mesh, so that every process can read them back."""
-    return _sample_step(params, rows, meta, flags=flags, out_sharding=_replicated_like(params))
+def general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, rows: RowSettings,
+                 state: DecodeState, cfg: ModelConfig, backend: str) -> tuple[Any, jax.Array, Any]:
+    """Forward of a general batch and the sampled next token of each of its `rows`:
+    (sampled, replicated like `decode_step`'s tokens; hidden [T, D]; the donated cache)."""
+    return _general_step(params, kv_cache, batch, rows, state, cfg=cfg, backend=backend,
+                         kv_shardings=_named_shardings(kv_cache), out_sharding=_replicated_like(params))
+
+
+def decode_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+                num_steps: int, cfg: ModelConfig, backend: str, max_steps: int) -> tuple[Any, Any]:
+    """Up to `num_steps` decode steps (one program for every `num_steps <= max_steps`):
+    (the window's tokens, replicated on every device of the weights' mesh so that every
+    process can read them back; the donated cache)."""
+    return _decode_step(params, kv_cache, rows, state, np.int32(num_steps), cfg=cfg, backend=backend,
+                        max_steps=max_steps, kv_shardings=_named_shardings(kv_cache),
+                        out_sharding=_replicated_like(params))
 
 
 def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array):
@@ -99,12 +127,12 @@ def _replicated_like(params: Params) -> NamedSharding | None:
 @dataclass(frozen=True)
 class SequenceResult:
     """What one step computed for one scheduled request, as host values (the engine's
-    `update` turns them into outputs)."""
+    `update` turns them into outputs): one token, or a decode window's tokens."""
 
-    token_id: int | None = None  # None when the step only advanced a prompt chunk
-    logprob: float | None = None
-    top_ids: np.ndarray | None = None  # [MAX_LOGPROBS] most likely next tokens, when asked
-    top_logprobs: np.ndarray | None = None  # [MAX_LOGPROBS] their log-probabilities
+    token_ids: tuple[int, ...] = ()  # in order; empty when the step only advanced a prompt chunk
+    logprobs: tuple[float, ...] = ()
+    top_ids: np.ndarray | None = None  # [n, MAX_LOGPROBS] most likely tokens per step, when asked
+    top_logprobs: np.ndarray | None = None  # [n, MAX_LOGPROBS] their log-probabilities
     prompt_logprobs: PromptLogprobs | None = None  # this chunk's positions, when asked
 
 
@@ -171,14 +199,28 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------
 
-    def run_forward(self, batch: Batch) -> jax.Array:
-        """The forward program on `batch`; the record takes the updated (donated) cache."""
+    def run_general(self, batch: Batch, rows: RowSettings, state: DecodeState) -> tuple[Any, jax.Array]:
+        """The general step on `batch`; the record takes the updated (donated) cache."""
+        s = self._state
+        sampled, hidden, kv_cache = self._donating(
+            general_step, batch, rows, state, s.config.model_config.for_compile(),
+            s.config.cache_config.attention_backend)
+        return sampled, hidden
+
+    def run_decode(self, rows: RowSettings, state: DecodeState, num_steps: int) -> Any:
+        """A decode window of `num_steps`; the record takes the updated (donated) cache."""
+        config = self._state.config
+        out, _ = self._donating(decode_step, rows, state, num_steps, config.model_config.for_compile(),
+                                config.cache_config.attention_backend,
+                                config.scheduler_config.max_decode_steps)
+        return out
+
+    def _donating(self, program: Any, *args: Any) -> tuple:
+        """Run `program(params, kv_cache, *args)`, whose last result is the updated cache."""
         state = self._state
         state.check_servable()
         try:
-            hidden, kv_cache = forward_step(state.params, state.kv_cache, batch,
-                                            state.config.model_config.for_compile(),
-                                            state.config.cache_config.attention_backend)
+            *results, kv_cache = program(state.params, state.kv_cache, *args)
         except BaseException:
             # Interrupted after the cache was donated: the record would point at deleted
             # buffers. Start over from an empty cache (its contents are lost either way;
@@ -190,40 +232,64 @@ class ModelRunner:
             raise
         # The old cache buffers were donated: the record must point at the new ones now.
         self._state = replace(state, kv_cache=kv_cache)
-        return hidden
-
-    def run_sampler(self, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Any:
-        return sample_step(self._state.params, rows, meta, flags)
+        return (*results, kv_cache)
 
     def run_prompt_logprobs(self, hidden: jax.Array, next_ids: Any) -> Any:
         return prompt_logprobs_step(self._state.params, hidden, next_ids)
 
     def execute_model(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         """Run one scheduled step: write its KV, sample the next token of finished prefills
-        and decodes, gather requested log-probabilities. Returns results by request id.
+        and decodes (a window of `out.num_steps` tokens for decodes), gather requested
+        log-probabilities. Returns results by request id.
 
-        A step mixing single-token sequences (decodes) with longer ones (prefills, chunks)
-        runs as two programs: the decodes through the decode batch, the rest through the
-        general batch. The general batch's masked attention costs its tokens times every
+        Single-token sequences (decodes) run through the decode window, the rest through
+        the general batch. The general batch's masked attention costs its tokens times every
         key it lists; keeping decode contexts out of it is worth reading the weights twice
         (measured on W1 at batch 32: mixed steps 4x cheaper). Both shapes are ones the
         warm-up compiles already, and each sequence's computation is the same either way.
         """
         decodes = [s for s in out.scheduled if s.num_tokens == 1]
-        if decodes and len(decodes) < len(out.scheduled):
-            results = self._execute(SchedulerOutput(decodes))
-            results.update(self._execute(SchedulerOutput([s for s in out.scheduled if s.num_tokens > 1])))
-            return results
-        return self._execute(out)
+        rest = [s for s in out.scheduled if s.num_tokens > 1]
+        results = self._execute_window(SchedulerOutput(decodes, out.num_steps)) if decodes else {}
+        if rest:
+            results.update(self._execute_general(SchedulerOutput(rest)))
+        return results
 
-    def _execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
+    def _tables(self) -> tuple[int, int, int]:
+        """(vocab size, penalty history width, max_model_len) the row settings are built with."""
         config = self._state.config
+        max_len = config.scheduler_config.max_model_len
+        return config.model_config.vocab_size, bucket(max_len), max_len
+
+    def _execute_window(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
+        V, width, max_len = self._tables()
+        tables = window_block_tables(out)
+        B = tables.shape[0]
+        rows = prepare_rows(out, B, V, width, max_len, tables)
+        window = self.run_decode(rows, prepare_state(out, B, V, width), out.num_steps)
+        # Read back what the host needs only: the top entries exist when some row asked.
+        wants = any(s.request.sampling_params.logprobs is not None for s in out.scheduled)
+        host = jax.device_get((window.token_ids, window.logprobs, window.num_tokens)
+                              + ((window.top_ids, window.top_logprobs) if wants else ()))
+        token_ids, logprobs, num_tokens = host[:3]
+        results = {}
+        for i, s in enumerate(out.scheduled):
+            n = int(num_tokens[i]) if s.samples else 0
+            fields: dict[str, Any] = dict(token_ids=tuple(token_ids[i, :n].tolist()),
+                                          logprobs=tuple(logprobs[i, :n].tolist()))
+            if s.request.sampling_params.logprobs is not None:
+                fields.update(top_ids=host[3][i, :n], top_logprobs=host[4][i, :n])
+            results[s.request.request_id] = SequenceResult(**fields)
+        return results
+
+    def _execute_general(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
+        config = self._state.config
+        V, width, max_len = self._tables()
         batch, sizes = prepare_batch(out, config.cache_config.block_size,
                                      config.scheduler_config.max_num_seqs)
-        meta, flags = prepare_sampling(out, sizes.num_seqs, config.model_config.vocab_size,
-                                       bucket(config.scheduler_config.max_model_len))
-        hidden = self.run_forward(batch)
-        sampled = self.run_sampler(select_rows(hidden, batch.logits_indices), meta, flags)
+        B = sizes.num_seqs
+        rows = prepare_rows(out, B, V, width, max_len, np.zeros((B, 1), np.int32))
+        sampled, hidden = self.run_general(batch, rows, prepare_state(out, B, V, width))
         prompt = self._prompt_logprobs(out, hidden, sizes)
         sampled = jax.device_get(sampled)
         results = {}
@@ -231,12 +297,12 @@ class ModelRunner:
         for i, s in enumerate(out.scheduled):
             fields: dict[str, Any] = {}
             if s.samples:
-                fields.update(token_id=int(sampled.token_ids[i]), logprob=float(sampled.logprobs[i]))
+                fields.update(token_ids=(int(sampled.token_ids[i]),), logprobs=(float(sampled.logprobs[i]),))
                 if s.request.sampling_params.logprobs is not None:
-                    fields.update(top_ids=sampled.top_ids[i], top_logprobs=sampled.top_logprobs[i])
+                    fields.update(top_ids=sampled.top_ids[i:i + 1], top_logprobs=sampled.top_logprobs[i:i + 1])
             if prompt is not None and s.request.sampling_params.prompt_logprobs is not None:
-                rows = slice(offset, offset + s.num_tokens)
-                fields["prompt_logprobs"] = PromptLogprobs(*(a[rows] for a in prompt))
+                rows_ = slice(offset, offset + s.num_tokens)
+                fields["prompt_logprobs"] = PromptLogprobs(*(a[rows_] for a in prompt))
             results[s.request.request_id] = SequenceResult(**fields)
             offset += s.num_tokens
         return results

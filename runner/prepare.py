@@ -1,4 +1,4 @@
-"""Scheduler decisions -> padded int32 arrays: the `Batch` and the `SamplingMetadata`.
+"""Scheduler decisions -> padded arrays: the `Batch`, the decode state and the row settings.
 
 Plain numpy on the host. Sizes are padded to power-of-two buckets (see `state.batch`),
 so the set of shapes the device ever sees is small and known in advance.
@@ -10,10 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runner.sampler import SamplerFlags, SamplingMetadata
-from runner.sampling_params import MAX_LOGPROBS
+from runner.decode_loop import DecodeState, RowSettings
+from runner.sampler import SamplingMetadata
 from runner.scheduler import SchedulerOutput
 from state.batch import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, Batch, bucket, cdiv
+
+# Narrowest logit_bias and stop-token tables: narrower ones pad to this, so common requests
+# share one program; a request with more entries compiles its width on first use.
+MIN_TABLE_WIDTH = 8
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,14 @@ def _decode_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketS
     return batch, BucketSizes(B, Nb, B)
 
 
+def window_block_tables(out: SchedulerOutput) -> np.ndarray:
+    """[B, Nb] every block each decoding request holds: the scheduler reserved the slots of
+    the whole window."""
+    B = bucket(len(out.scheduled), MIN_DECODE_BUCKET)
+    rows = [s.request.block_ids for s in out.scheduled] + [[]] * (B - len(out.scheduled))
+    return _pad_rows(rows, 0, np.int32)
+
+
 def _pad_rows(rows: list[list[int]], fill: int, dtype: type, width: int | None = None) -> np.ndarray:
     width = width or bucket(max((len(r) for r in rows), default=1))
     out = np.full((len(rows), width), fill, dtype)
@@ -88,13 +100,15 @@ def _pad_rows(rows: list[list[int]], fill: int, dtype: type, width: int | None =
     return out
 
 
-def prepare_sampling(out: SchedulerOutput, num_seqs: int, vocab_size: int,
-                     history_width: int | None = None) -> tuple[SamplingMetadata, SamplerFlags]:
-    """Per-row sampling settings, padded to `num_seqs` rows (padding rows are greedy).
+def prepare_rows(out: SchedulerOutput, num_seqs: int, vocab_size: int, history_width: int,
+                 max_model_len: int, block_tables: np.ndarray) -> RowSettings:
+    """Per-row settings of a step or a decode window, padded to `num_seqs` rows.
 
-    `history_width` fixes the width of the token tables penalties read (the runner passes
-    the bucket of max_model_len): a width that followed each step's longest request would
-    compile a new sampler program for every combination of widths.
+    Every sampler field is set, whatever the rows ask for (no bias: ids past the
+    vocabulary; no penalty: 0, 0, 1), so one program serves every mix of requests.
+    `history_width` fixes the width of the token tables the penalties read (the runner
+    passes the bucket of max_model_len); the logit_bias and stop-token tables are at least
+    `MIN_TABLE_WIDTH` wide.
     """
     requests = [s.request for s in out.scheduled]
     params = [r.sampling_params for r in requests]
@@ -103,43 +117,52 @@ def prepare_sampling(out: SchedulerOutput, num_seqs: int, vocab_size: int,
     def column(values: list, fill: float, dtype: type) -> np.ndarray:
         return np.asarray(list(values) + [fill] * pad, dtype)
 
-    meta = dict(
+    bias = [list((p.logit_bias or {}).items()) for p in params] + [[]] * pad
+    sampling = SamplingMetadata(
         temperature=column([p.temperature for p in params], 0.0, np.float32),
         top_k=column([max(p.top_k, 0) for p in params], 0, np.int32),
         top_p=column([p.top_p for p in params], 1.0, np.float32),
         min_p=column([p.min_p for p in params], 0.0, np.float32),
         seeds=column([r.seed for r in requests], 0, np.uint32),
         counters=column([len(r.output_token_ids) for r in requests], 0, np.int32),
-    )
-    bias_rows = [_bias_entries(r) for r in requests]
-    if any(bias_rows):
-        bias_rows += [[]] * pad
-        meta["bias_ids"] = _pad_rows([[i for i, _ in row] for row in bias_rows], vocab_size, np.int32)
-        values = _pad_rows([[0] * len(row) for row in bias_rows], 0, np.float32)
-        for i, row in enumerate(bias_rows):
-            values[i, :len(row)] = [v for _, v in row]
-        meta["bias_values"] = values
-    if any(p.uses_penalties for p in params):
-        meta["prompt_ids"] = _pad_rows([r.prompt_token_ids for r in requests] + [[]] * pad, vocab_size,
-                                       np.int32, history_width)
-        meta["output_ids"] = _pad_rows([r.output_token_ids for r in requests] + [[]] * pad, vocab_size,
-                                       np.int32, history_width)
-        meta["presence_penalty"] = column([p.presence_penalty for p in params], 0.0, np.float32)
-        meta["frequency_penalty"] = column([p.frequency_penalty for p in params], 0.0, np.float32)
-        meta["repetition_penalty"] = column([p.repetition_penalty for p in params], 1.0, np.float32)
-    flags = SamplerFlags(
-        all_greedy=all(p.is_greedy for p in params),
-        needs_sort=any(not p.is_greedy and (p.top_k > 0 or p.top_p < 1) for p in params),
-        num_logprobs=MAX_LOGPROBS if any(p.logprobs is not None for p in params) else 0,
-    )
-    return SamplingMetadata(**meta), flags
+        bias_ids=_table([[t for t, _ in row] for row in bias], vocab_size, np.int32),
+        bias_values=_table([[v for _, v in row] for row in bias], 0.0, np.float32),
+        prompt_ids=_pad_rows([r.prompt_token_ids for r in requests] + [[]] * pad, vocab_size,
+                             np.int32, history_width),
+        presence_penalty=column([p.presence_penalty for p in params], 0.0, np.float32),
+        frequency_penalty=column([p.frequency_penalty for p in params], 0.0, np.float32),
+        repetition_penalty=column([p.repetition_penalty for p in params], 1.0, np.float32))
+    return RowSettings(
+        block_tables=block_tables,
+        max_out=column([min(p.max_tokens, max_model_len - len(r.prompt_token_ids))
+                        for r, p in zip(requests, params)], 0, np.int32),
+        min_out=column([p.min_tokens for p in params], 0, np.int32),
+        stop_ids=_table([_stop_ids(r) for r in requests] + [[]] * pad, -1, np.int32),
+        wants_logprobs=column([p.logprobs is not None for p in params], False, bool),
+        sampling=sampling)
 
 
-def _bias_entries(request) -> list[tuple[int, float]]:
-    """logit_bias, plus -inf on EOS and stop tokens while below min_tokens."""
+def prepare_state(out: SchedulerOutput, num_seqs: int, vocab_size: int, history_width: int) -> DecodeState:
+    """Each scheduled request's next input (the token at its first scheduled position) and
+    its outputs so far; padding rows are done."""
+    requests = [s.request for s in out.scheduled]
+    pad = num_seqs - len(requests)
+    return DecodeState(
+        token_ids=np.asarray([r.all_token_ids[s.start] for s, r in zip(out.scheduled, requests)] + [0] * pad,
+                             np.int32),
+        positions=np.asarray([s.start for s in out.scheduled] + [0] * pad, np.int32),
+        num_out=np.asarray([len(r.output_token_ids) for r in requests] + [0] * pad, np.int32),
+        output_ids=_pad_rows([r.output_token_ids for r in requests] + [[]] * pad, vocab_size,
+                             np.int32, history_width),
+        is_done=np.asarray([False] * len(requests) + [True] * pad))
+
+
+def _table(rows: list[list], fill: float, dtype: type) -> np.ndarray:
+    return _pad_rows(rows, fill, dtype, bucket(max(len(r) for r in rows), MIN_TABLE_WIDTH))
+
+
+def _stop_ids(request) -> list[int]:
+    """Tokens that end the request once it has min_tokens outputs."""
     p = request.sampling_params
-    entries = list((p.logit_bias or {}).items())
-    if len(request.output_token_ids) < p.min_tokens:
-        banned = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(request.eos_token_ids))
-        entries += [(t, -np.inf) for t in sorted(banned)]
-    return entries
+    eos = () if p.ignore_eos else request.eos_token_ids
+    return sorted(set(eos) | set(p.stop_token_ids or ()))

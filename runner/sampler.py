@@ -94,27 +94,74 @@ def _top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
 
 def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> SamplerOutput:
     """Choose one token per row of `logits: [B, V]` float32."""
-    B, V = logits.shape
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = logits
     if meta.bias_ids is not None:
-        x = x + _scatter_rows((B, V), meta.bias_ids, meta.bias_values)
+        x = x + _scatter_rows(logits.shape, meta.bias_ids, meta.bias_values)
     if meta.output_ids is not None:
         x = apply_penalties(x, meta)
-    tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    if not flags.all_greedy:
-        is_greedy = meta.temperature == 0
-        x = x / jnp.where(is_greedy, 1.0, meta.temperature)[:, None]
-        probs = jax.nn.softmax(x, axis=-1)
-        x = jnp.where(probs < meta.min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, x)
-        if flags.needs_sort:
-            x = _top_k_top_p_mask(x, meta.top_k, meta.top_p)
-        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(meta.seeds, meta.counters)
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
-        sampled = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
-        tokens = jnp.where(is_greedy, tokens, sampled)
+    tokens = _choose(x, meta, flags)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
+    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _choose(x: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> jax.Array:
+    """[B] tokens from biased, penalised logits: argmax for greedy rows, else Gumbel-max
+    over the temperature-scaled, min_p / top-k / top-p masked row."""
+    V = x.shape[-1]
+    tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if flags.all_greedy:
+        return tokens
+    is_greedy = meta.temperature == 0
+    x = x / jnp.where(is_greedy, 1.0, meta.temperature)[:, None]
+    probs = jax.nn.softmax(x, axis=-1)
+    x = jnp.where(probs < meta.min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, x)
+    if flags.needs_sort:
+        x = _top_k_top_p_mask(x, meta.top_k, meta.top_p)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(meta.seeds, meta.counters)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
+    sampled = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+    return jnp.where(is_greedy, tokens, sampled)
+
+
+def top_width(vocab_size: int) -> int:
+    """Entries `sample_switched` returns per row: MAX_LOGPROBS, or the whole vocabulary."""
+    return min(MAX_LOGPROBS, vocab_size)
+
+
+# The three token choosers `sample_switched` picks between on the device.
+_MODES = tuple(SamplerFlags(all_greedy=g, needs_sort=s, num_logprobs=0)
+               for g, s in ((True, False), (False, False), (False, True)))
+
+
+def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: jax.Array) -> SamplerOutput:
+    """`sample` with every stage switched on the device instead of at compile time.
+
+    `meta` has every field set (no bias: pad ids; no penalty: 0, 0, 1). Each stage runs
+    under `lax.cond`/`lax.switch` on what the rows ask for, so one compiled program serves
+    every mix of requests and a greedy batch still skips the sort, the noise, the penalty
+    tables and the top-k of logprobs. Skipped stages are identities on these values, so
+    the tokens equal `sample`'s with the matching static flags.
+
+    Args:
+        wants_logprobs: [B] bool, rows whose top `top_width(V)` entries are returned.
+    """
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    x = logits + _scatter_rows(logits.shape, meta.bias_ids, meta.bias_values)
+    penalised = jnp.any((meta.presence_penalty != 0) | (meta.frequency_penalty != 0)
+                        | (meta.repetition_penalty != 1))
+    x = jax.lax.cond(penalised, apply_penalties, lambda x, _: x, x, meta)
+    is_random = meta.temperature > 0
+    sorts = jnp.any(is_random & ((meta.top_k > 0) | (meta.top_p < 1)))
+    mode = jnp.where(jnp.any(is_random), jnp.where(sorts, 2, 1), 0)
+    tokens = jax.lax.switch(mode, [lambda x, m, f=f: _choose(x, m, f) for f in _MODES], x, meta)
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    B, V = logits.shape
+    k = top_width(V)
+    top_logprobs, top_ids = jax.lax.cond(
+        jnp.any(wants_logprobs), lambda r: tuple(jax.lax.top_k(r, k)),
+        lambda r: (jnp.zeros((B, k), r.dtype), jnp.zeros((B, k), jnp.int32)), raw_logprobs)
     return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 

@@ -51,6 +51,9 @@ class SchedulerStats:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # Decode steps the single-token requests run in this step's device call (a window);
+    # their KV slots for all of them are reserved.
+    num_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -121,7 +124,7 @@ class Scheduler:
     # -- one step ----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(num_steps=self._window())
         budget = self.max_num_batched_tokens
         for request in list(self.running):
             if budget == 0:
@@ -129,11 +132,14 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._reserve(request, request.num_computed_tokens + n, out):
+            ahead = n if n > 1 else self.window_tokens(request, out.num_steps)
+            if not self._reserve(request, request.num_computed_tokens + ahead, out):
                 continue  # the request preempted itself
             out.scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # No admission into a window: a one-token prefill would run the window's steps on
+        # slots nobody reserved (a request preempted above waits for the next step).
+        while self.waiting and out.num_steps == 1 and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if not self._admit(request, budget, out):
                 break
@@ -148,6 +154,43 @@ class Scheduler:
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += out.num_tokens
         return out
+
+    def _window(self) -> int:
+        """Decode steps for this step's device call.
+
+        One step while a prompt chunk runs or a waiting prompt can be admitted (its
+        prefill should not wait for a window). Otherwise the configured window, or with
+        `decode_window=0` the automatic one: `AUTO_DECODE_WINDOW` steps, cut to end when
+        the first running request reaches its length limit if a prompt waits for its
+        sequence slot. Halved until the window's KV slots fit the free blocks, so a tight
+        pool shortens windows before it preempts.
+        """
+        steps = self.config.scheduler_config.max_decode_steps
+        if steps == 1 or not self.running:
+            return 1
+        if any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running):
+            return 1
+        if self.waiting:
+            if len(self.running) < self.max_num_seqs:
+                return 1
+            if self.config.scheduler_config.decode_window == 0:
+                steps = min(steps, min(self._remaining(r) for r in self.running))
+        while steps > 1 and self._window_blocks(steps) > self.pool.num_free_blocks:
+            steps //= 2
+        return steps
+
+    def _remaining(self, request: Request) -> int:
+        """Outputs `request` may still produce (max_tokens, capped by max_model_len)."""
+        limit = min(request.sampling_params.max_tokens, self.max_model_len - len(request.prompt_token_ids))
+        return max(limit - len(request.output_token_ids), 1)
+
+    def window_tokens(self, request: Request, num_steps: int) -> int:
+        """KV positions a decoding `request` may write in a window of `num_steps`."""
+        return min(num_steps, self._remaining(request))
+
+    def _window_blocks(self, num_steps: int) -> int:
+        return sum(max(self._blocks_for(r.num_computed_tokens + self.window_tokens(r, num_steps))
+                       - len(r.block_ids), 0) for r in self.running)
 
     def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
         """Start (or resume) the request at the head of the queue, if it fits now."""
@@ -217,10 +260,14 @@ class Scheduler:
 
     # -- after the step ----------------------------------------------------------------
 
-    def advance(self, s: ScheduledRequest) -> None:
-        """Count a computed step of `s.request` and offer its full blocks to the prefix cache."""
+    def advance(self, s: ScheduledRequest, num_tokens: int = 1) -> None:
+        """Count a computed step of `s.request` and offer its full blocks to the prefix cache.
+
+        A decode window computes `num_tokens` positions from `s.start` (one per token it
+        kept); other steps compute `s.num_tokens`.
+        """
         request = s.request
-        request.num_computed_tokens = s.end
+        request.num_computed_tokens = s.end + num_tokens - 1
         self.pool.cache_blocks(request.block_ids, request.block_hashes, request.all_token_ids,
                                request.num_computed_tokens // self.block_size)
 

@@ -28,9 +28,9 @@ import numpy as np
 # Smallest token bucket of a general batch: below this, padding costs less than another
 # compilation.
 MIN_TOKEN_BUCKET = 8
-# Smallest decode batch: with a single row XLA rewrites the cache scatter into a dynamic
-# update slice and copies the whole cache around it (measured 10x slower on CPU).
-MIN_DECODE_BUCKET = 2
+# Smallest decode batch: one row. (A one-row scatter into a reshaped cache made XLA copy
+# the whole cache; `models.attention.write_kv` indexes the 4-d cache instead.)
+MIN_DECODE_BUCKET = 1
 
 
 @jax.tree_util.register_dataclass

@@ -33,6 +33,9 @@ def test_report_holds_every_field(report):
         ours = row["ours"]
         assert ours["compiles"] > 0 and ours["compiles_after_warmup"] == 0
         assert ours["warmup_s"] > 0 and ours["peak_memory_bytes"] > 0
+        # Matmul FLOPs of a step at the measured matmul rate, over the step time.
+        flops_s = row["batch_size"] * report["matmul_flops_per_row"] / (report["matmul_gflop_per_s"] * 1e9)
+        assert ours["flop_share"] == pytest.approx(flops_s / (ours["decode_ms_per_step"] / 1000))
         assert row["ratio"] == pytest.approx(ours["tokens_per_s"] / row["reference"]["tokens_per_s"])
 
 
@@ -46,6 +49,7 @@ def test_figures_are_consistent(report):
             assert r["tokens_per_s"] * r["total_s"] == pytest.approx(b * w["max_tokens"])
             assert r["prefill_tokens_per_s"] * r["ttft_s"] == pytest.approx(b * w["prompt_len"])
             step_s = r["decode_ms_per_step"] / 1000
-            assert r["ttft_s"] + (w["max_tokens"] - 1) * step_s == pytest.approx(r["total_s"])
+            # The step is measured between the one-token run and the run of min(49, max_tokens).
+            assert r["ttft_s"] + (min(49, w["max_tokens"]) - 1) * step_s == pytest.approx(r["step_run_s"])
             assert r["mbu"] == pytest.approx(report["weight_bytes"] / step_s
                                              / (report["read_bandwidth_gb_per_s"] * 1e9))

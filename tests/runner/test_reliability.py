@@ -782,7 +782,7 @@ def _inject(llm: LLM, monkeypatch, where: str, at: int, error: BaseException) ->
     targets = {
         "execute_model": (llm.runner, "execute_model", False),
         "execute_model, after the step": (llm.runner, "execute_model", True),
-        "sampler, after the forward wrote the cache": (llm.runner, "run_sampler", False),
+        "decode window, after it wrote the cache": (llm.runner, "run_decode", True),
         "schedule": (llm.scheduler, "schedule", False),
         "engine update, after the step": (engine, "update", True),
         "stop-string detokenizer": (llm.tokenizer, "decode", False),
@@ -795,7 +795,7 @@ def _inject(llm: LLM, monkeypatch, where: str, at: int, error: BaseException) ->
 
 FAULTS = [(where, at, error) for where, at in [
     ("execute_model", 1), ("execute_model", 4), ("execute_model, after the step", 6),
-    ("sampler, after the forward wrote the cache", 3), ("schedule", 5),
+    ("decode window, after it wrote the cache", 3), ("schedule", 5),
     ("engine update, after the step", 7), ("stop-string detokenizer", 2)]
     for error in (KeyboardInterrupt, RuntimeError)]
 

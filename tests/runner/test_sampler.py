@@ -20,9 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from runner.prepare import prepare_sampling
+from runner.decode_loop import step_metadata
+from runner.prepare import prepare_rows, prepare_state
 from runner.sampler import (SamplerFlags, SamplingMetadata, _top_k_top_p_mask, apply_penalties,
-                            sample)
+                            sample, sample_switched)
 from runner.sampling_params import MAX_LOGPROBS, SamplingParams
 from runner.scheduler import ScheduledRequest, SchedulerOutput
 from state.request import Request
@@ -202,6 +203,11 @@ def test_bias_then_penalties_shape_the_sampled_distribution():
     assert set(greedy) == {int(np.argmax(x))}
 
 
+@jax.jit
+def _switched(logits, rows, state):
+    return sample_switched(logits, step_metadata(rows, state), rows.wants_logprobs)
+
+
 def _scheduled(requests: list[Request]) -> SchedulerOutput:
     return SchedulerOutput([ScheduledRequest(r, r.num_tokens - 1, 1) for r in requests])
 
@@ -215,8 +221,9 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached(temperature):
     def run(num_outputs: int) -> np.ndarray:
         requests = [Request(str(i), [3, 4], params, seed=i, eos_token_ids=(eos,),
                             output_token_ids=[5] * num_outputs) for i in range(n)]
-        meta, flags = prepare_sampling(_scheduled(requests), n, V)
-        return np.asarray(sample_jit(np.tile(LOGITS, (n, 1)), meta, flags).token_ids)
+        out = _scheduled(requests)
+        rows = prepare_rows(out, n, V, 8, 64, np.zeros((n, 1), np.int32))
+        return np.asarray(_switched(np.tile(LOGITS, (n, 1)), rows, prepare_state(out, n, V, 8)).token_ids)
 
     below = run(2)
     assert eos not in below and stop not in below

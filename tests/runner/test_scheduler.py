@@ -42,7 +42,7 @@ def fake_token(request: Request) -> int:
 def results(sampled: dict[str, int]) -> dict[str, SequenceResult]:
     """Step results that sample `sampled[request id]` (log-probability 0) and compute only
     the others."""
-    return _Results({rid: SequenceResult(token_id=t, logprob=0.0) for rid, t in sampled.items()})
+    return _Results({rid: SequenceResult(token_ids=(t,), logprobs=(0.0,)) for rid, t in sampled.items()})
 
 
 class _Results(dict):

@@ -18,8 +18,8 @@ def test_varied_workload_compiles_nothing_after_warmup(hf_checkpoint):
               max_num_batched_tokens=32)
     report = llm.warmup()
     assert report.num_compilations > 0 and report.num_forward_shapes > 0
-    print(f"warm-up: {report.num_forward_shapes} forward shapes, {report.num_sampler_shapes} "
-          f"sampler shapes, {report.num_compilations} compilations, {report.seconds:.1f}s")
+    print(f"warm-up: {report.num_forward_shapes} forward shapes, {report.num_decode_shapes} "
+          f"decode shapes, {report.num_compilations} compilations, {report.seconds:.1f}s")
     rng = np.random.default_rng(0)
     settings = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
                 SamplingParams(temperature=0.8, seed=3, max_tokens=5, ignore_eos=True),

@@ -1,0 +1,155 @@
+"""The decode loop on the device: up to K decode steps of a whole batch in one program.
+
+Each step runs the forward for one token per row, samples the next token, writes its KV
+and turns the sampled token into the next input, all inside `lax.while_loop`. Stop
+conditions are checked on the device: a row finishes on EOS or a stop token id (once it
+has `min_tokens` outputs) or when it reaches its output limit; a finished row writes
+nothing (slot -1) and samples nothing, and the loop ends as soon as every row is done.
+Stop strings need the detokenizer: the host checks them after the window and drops the
+tokens past one.
+
+`decode_window` is a pure function of (params, KV cache, decode state, row settings, cfg),
+so a user's own `jax.jit` code can call it; the shell picks how many steps to run. Seeded
+sampling folds in (seed, output index) only, so the tokens never depend on the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from models.llama import compute_logits, forward
+from runner.sampler import SamplerOutput, SamplingMetadata, sample_switched, top_width
+from state.batch import Batch
+from state.config import ModelConfig
+from state.kv_cache import KVCache
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class DecodeState:
+    """What changes from one decode step to the next, per row (B rows)."""
+
+    token_ids: Any  # [B] i32 the last known token: the next step's input
+    positions: Any  # [B] i32 its position
+    num_out: Any  # [B] i32 output tokens so far (the sampler's output index)
+    output_ids: Any  # [B, W] i32 output tokens so far, pad = V (what the penalties count)
+    is_done: Any  # [B] bool finished (or padding) rows
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class RowSettings:
+    """What stays fixed over a window, per row."""
+
+    block_tables: Any  # [B, Nb] i32 blocks holding every slot the window may write
+    max_out: Any  # [B] i32 output limit: max_tokens, capped by max_model_len
+    min_out: Any  # [B] i32 min_tokens: stop tokens are banned and ignored below it
+    stop_ids: Any  # [B, Ls] i32 EOS (unless ignore_eos) and stop_token_ids, pad = -1
+    wants_logprobs: Any  # [B] bool
+    sampling: SamplingMetadata  # every field set; counters and output_ids come from the state
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class WindowOutput:
+    """The tokens of one window; entry [b, k] is row b's k-th token of the window."""
+
+    token_ids: Any  # [B, K] i32, -1 past the row's last token
+    logprobs: Any  # [B, K] f32
+    top_ids: Any  # [B, K, top_width(V)] i32 (zeros unless some row wants logprobs)
+    top_logprobs: Any  # [B, K, top_width(V)] f32
+    num_tokens: Any  # [B] i32 tokens each row produced
+
+
+def step_metadata(rows: RowSettings, state: DecodeState) -> SamplingMetadata:
+    """The sampler's input for the state's next token: below min_tokens the stop tokens
+    are banned (-inf), after the row's logit_bias."""
+    banned = (state.num_out < rows.min_out)[:, None] & (rows.stop_ids >= 0)  # [B, Ls]
+    dropped = jnp.iinfo(jnp.int32).max  # an id past the vocabulary: the scatter drops it
+    s = rows.sampling
+    return replace(
+        s, counters=state.num_out, output_ids=state.output_ids,
+        bias_ids=jnp.concatenate([s.bias_ids, jnp.where(banned, rows.stop_ids, dropped)], axis=1),
+        bias_values=jnp.concatenate([s.bias_values, jnp.where(banned, -jnp.inf, 0.0)], axis=1))
+
+
+def is_stop(rows: RowSettings, tokens: jax.Array, num_out: jax.Array) -> jax.Array:
+    """[B] rows that `tokens` (their `num_out`-th output) finishes."""
+    hit = jnp.any(tokens[:, None] == rows.stop_ids, axis=1) & (num_out >= rows.min_out)
+    return hit | (num_out >= rows.max_out)
+
+
+def decode_batch(rows: RowSettings, state: DecodeState, block_size: int) -> Batch:
+    """The forward's input of the state's next step; done rows write to slot -1."""
+    B = state.token_ids.shape[0]
+    block = jnp.take_along_axis(rows.block_tables, (state.positions // block_size)[:, None], axis=1)[:, 0]
+    slots = jnp.where(state.is_done, -1, block * block_size + state.positions % block_size)
+    return Batch(token_ids=state.token_ids, positions=state.positions, slot_mapping=slots,
+                 logits_indices=jnp.arange(B, dtype=jnp.int32), block_tables=rows.block_tables,
+                 seq_lens=jnp.where(state.is_done, 0, state.positions + 1))
+
+
+def decode_step(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+                cfg: ModelConfig, backend: str) -> tuple[tuple[KVCache, ...], DecodeState, SamplerOutput]:
+    """One step: forward, sample, stop masks, next input. Done rows are left unchanged."""
+    block_size = kv_cache[0].k.shape[1]
+    hidden, kv_cache = forward(params, kv_cache, decode_batch(rows, state, block_size), cfg, backend)
+    sampled = sample_switched(compute_logits(params, hidden), step_metadata(rows, state),
+                              rows.wants_logprobs)
+    live = ~state.is_done
+    num_out = state.num_out + live
+    B = num_out.shape[0]
+    output_ids = state.output_ids.at[jnp.arange(B), jnp.where(live, state.num_out, -1)].set(
+        sampled.token_ids, mode="drop")
+    is_done = state.is_done | is_stop(rows, sampled.token_ids, num_out)
+    new = DecodeState(token_ids=jnp.where(live, sampled.token_ids, state.token_ids),
+                      positions=state.positions + live, num_out=num_out, output_ids=output_ids,
+                      is_done=is_done)
+    return kv_cache, new, sampled
+
+
+def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+                  num_steps: jax.Array, cfg: ModelConfig, backend: str = "reference",
+                  max_steps: int = 16) -> tuple[tuple[KVCache, ...], DecodeState, WindowOutput]:
+    """Run up to `num_steps` (<= `max_steps`, static) decode steps of every row.
+
+    The host must have reserved KV slots for positions `state.positions` up to
+    `state.positions + num_steps - 1` of every live row in `rows.block_tables`.
+
+    Returns:
+        kv_cache: the cache with every step's keys and values written.
+        state: the state after the last step (rows done at the end are marked so).
+        output: the window's tokens per row.
+    """
+    B = state.token_ids.shape[0]
+    k = top_width(cfg.vocab_size)
+    out = WindowOutput(token_ids=jnp.full((B, max_steps), -1, jnp.int32),
+                       logprobs=jnp.zeros((B, max_steps), jnp.float32),
+                       top_ids=jnp.zeros((B, max_steps, k), jnp.int32),
+                       top_logprobs=jnp.zeros((B, max_steps, k), jnp.float32),
+                       num_tokens=jnp.zeros(B, jnp.int32))
+
+    def running(carry: tuple) -> jax.Array:
+        k, _, state, _ = carry
+        return (k < jnp.minimum(num_steps, max_steps)) & ~jnp.all(state.is_done)
+
+    def body(carry: tuple) -> tuple:
+        k, kv_cache, state, out = carry
+        live = ~state.is_done
+        kv_cache, state, sampled = decode_step(params, kv_cache, rows, state, cfg, backend)
+        column = jnp.where(live, k, max_steps)  # done rows: out of bounds, dropped
+        rows_ = jnp.arange(B)
+        out = WindowOutput(
+            token_ids=out.token_ids.at[rows_, column].set(sampled.token_ids, mode="drop"),
+            logprobs=out.logprobs.at[rows_, column].set(sampled.logprobs, mode="drop"),
+            top_ids=out.top_ids.at[rows_, column].set(sampled.top_ids, mode="drop"),
+            top_logprobs=out.top_logprobs.at[rows_, column].set(sampled.top_logprobs, mode="drop"),
+            num_tokens=out.num_tokens + live)
+        return k + 1, kv_cache, state, out
+
+    _, kv_cache, state, out = jax.lax.while_loop(running, body, (jnp.int32(0), kv_cache, state, out))
+    return kv_cache, state, out
