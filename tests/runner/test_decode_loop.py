@@ -184,13 +184,15 @@ def test_tight_pool_preempts_during_long_windows_and_equals_each_alone(make_llm,
 
 
 def test_no_compilation_after_warmup_across_window_lengths(make_llm, monkeypatch):
-    llm = make_llm(num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=48)
+    # Two sequence slots for up to six requests: a waiting request cuts windows to end when
+    # the first running one reaches its length, so windows of many lengths run.
+    llm = make_llm(num_kv_blocks=40, max_num_seqs=2, max_num_batched_tokens=32, max_model_len=48)
     llm.warmup()
     seen = window_lengths(llm, monkeypatch)
     rng = np.random.default_rng(1)
     with CompileCounter() as compiles:
         for round_ in range(4):
-            n = int(rng.integers(1, 7))
+            n = int(rng.integers(3, 7))
             prompts = [ids(rng.integers(3, 94, int(rng.integers(1, 20))).tolist()) for _ in range(n)]
             params = [SamplingParams(temperature=float(rng.choice([0, 0.8])), seed=round_, top_k=int(rng.choice([0, 5])),
                                      max_tokens=int(rng.integers(1, 28)), logprobs=rng.choice([None, 2]),
