@@ -63,7 +63,7 @@ def _general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, r
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "max_steps", "kv_shardings", "out_sharding"),
                    donate_argnames=("kv_cache",))
-def _decode_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+def _window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
                  num_steps: jax.Array, cfg: ModelConfig, backend: str, max_steps: int, kv_shardings: Any,
                  out_sharding: Any) -> tuple[WindowOutput, tuple[KVCache, ...]]:
     kv_cache, _, out = decode_window(params, kv_cache, rows, state, num_steps, cfg, backend, max_steps)
@@ -86,23 +86,23 @@ def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cf
 def general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, rows: RowSettings,
                  state: DecodeState, cfg: ModelConfig, backend: str) -> tuple[Any, jax.Array, Any]:
     """Forward of a general batch and the sampled next token of each of its `rows`:
-    (sampled, replicated like `decode_step`'s tokens; hidden [T, D]; the donated cache)."""
+    (sampled, replicated like `window_step`'s tokens; hidden [T, D]; the donated cache)."""
     return _general_step(params, kv_cache, batch, rows, state, cfg=cfg, backend=backend,
                          kv_shardings=_named_shardings(kv_cache), out_sharding=_replicated_like(params))
 
 
-def decode_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+def window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
                 num_steps: int, cfg: ModelConfig, backend: str, max_steps: int) -> tuple[Any, Any]:
     """Up to `num_steps` decode steps (one program for every `num_steps <= max_steps`):
     (the window's tokens, replicated on every device of the weights' mesh so that every
     process can read them back; the donated cache)."""
-    return _decode_step(params, kv_cache, rows, state, np.int32(num_steps), cfg=cfg, backend=backend,
+    return _window_step(params, kv_cache, rows, state, np.int32(num_steps), cfg=cfg, backend=backend,
                         max_steps=max_steps, kv_shardings=_named_shardings(kv_cache),
                         out_sharding=_replicated_like(params))
 
 
 def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array):
-    """Prompt log-probabilities of every scheduled token, replicated like `sample_step`'s."""
+    """Prompt log-probabilities of every scheduled token, replicated like `window_step`'s tokens."""
     return _prompt_logprobs_step(params, hidden, next_ids, out_sharding=_replicated_like(params))
 
 
@@ -210,7 +210,7 @@ class ModelRunner:
     def run_decode(self, rows: RowSettings, state: DecodeState, num_steps: int) -> Any:
         """A decode window of `num_steps`; the record takes the updated (donated) cache."""
         config = self._state.config
-        out, _ = self._donating(decode_step, rows, state, num_steps, config.model_config.for_compile(),
+        out, _ = self._donating(window_step, rows, state, num_steps, config.model_config.for_compile(),
                                 config.cache_config.attention_backend,
                                 config.scheduler_config.max_decode_steps)
         return out

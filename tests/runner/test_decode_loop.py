@@ -34,23 +34,24 @@ _rng = np.random.default_rng(7)
 PROMPTS = [_rng.integers(3, 94, size=n).tolist() for n in (5, 11, 3, 17, 8, 1)]
 
 
+# Engines of this module differ only in the overrides each test passes.
+DEFAULTS = dict(num_kv_blocks=96, block_size=BLOCK, max_model_len=MAX_LEN, max_num_seqs=8,
+                max_num_batched_tokens=64)
+
+
 def ids(prompt: list[int]) -> dict:
     return {"prompt_token_ids": prompt}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(hf_checkpoint):
-    folder, model = hf_checkpoint("qwen3_tied")
-    return str(folder), model
+    """(folder, the transformers model saved there)."""
+    return hf_checkpoint("qwen3_tied")
 
 
 @pytest.fixture(scope="module")
 def make_llm(checkpoint):
-    def make(**kwargs) -> LLM:
-        settings_ = dict(num_kv_blocks=96, block_size=BLOCK, max_model_len=MAX_LEN, max_num_seqs=8,
-                         max_num_batched_tokens=64, tokenizer=Tokenizer.byte_level())
-        return LLM(checkpoint[0], **{**settings_, **kwargs})
-    return make
+    return lambda **kwargs: LLM(str(checkpoint[0]), tokenizer=Tokenizer.byte_level(), **{**DEFAULTS, **kwargs})
 
 
 @pytest.fixture(scope="module")

@@ -868,15 +868,15 @@ def test_interrupt_inside_a_step_after_the_cache_was_donated(hf_checkpoint, monk
     prompt = {"prompt_token_ids": [5, 6, 7, 8, 9]}
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
-    real = model_runner.forward_step
+    real = model_runner.window_step
 
     def interrupted(*args, **kwargs):
         real(*args, **kwargs)  # consumes the donated cache
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_runner, "forward_step", interrupted)
+    monkeypatch.setattr(model_runner, "window_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompt, greedy, use_tqdm=False)
-    monkeypatch.setattr(model_runner, "forward_step", real)
+    monkeypatch.setattr(model_runner, "window_step", real)
     assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
     assert llm.scheduler.pool.num_free_blocks == llm.runner.num_blocks
