@@ -794,9 +794,9 @@ def _inject(llm: LLM, monkeypatch, where: str, at: int, error: BaseException) ->
 
 
 FAULTS = [(where, at, error) for where, at in [
-    ("execute_model", 1), ("execute_model", 4), ("execute_model, after the step", 6),
+    ("execute_model", 1), ("execute_model", 4), ("execute_model, after the step", 3),
     ("decode window, after it wrote the cache", 3), ("schedule", 5),
-    ("engine update, after the step", 7), ("stop-string detokenizer", 2)]
+    ("engine update, after the step", 5), ("stop-string detokenizer", 2)]
     for error in (KeyboardInterrupt, RuntimeError)]
 
 
