@@ -94,9 +94,9 @@ def decode_batch(rows: RowSettings, state: DecodeState, block_size: int) -> Batc
 
 
 def decode_step(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
-                cfg: ModelConfig, backend: str) -> tuple[tuple[KVCache, ...], DecodeState, SamplerOutput]:
+                cfg: ModelConfig, backend: str,
+                block_size: int) -> tuple[tuple[KVCache, ...], DecodeState, SamplerOutput]:
     """One step: forward, sample, stop masks, next input. Done rows are left unchanged."""
-    block_size = kv_cache[0].k.shape[1]
     hidden, kv_cache = forward(params, kv_cache, decode_batch(rows, state, block_size), cfg, backend)
     sampled = sample_switched(compute_logits(params, hidden), step_metadata(rows, state),
                               rows.wants_logprobs)
@@ -114,8 +114,12 @@ def decode_step(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, s
 
 def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
                   num_steps: jax.Array, cfg: ModelConfig, backend: str = "reference",
-                  max_steps: int = 16) -> tuple[tuple[KVCache, ...], DecodeState, WindowOutput]:
+                  max_steps: int = 16,
+                  block_size: int = 16) -> tuple[tuple[KVCache, ...], DecodeState, WindowOutput]:
     """Run up to `num_steps` (<= `max_steps`, static) decode steps of every row.
+
+    `block_size` is the cache's tokens per block (static; each backend lays its cache out
+    its own way, so it is not read from the cache's shape).
 
     The host must have reserved KV slots for positions `state.positions` up to
     `state.positions + num_steps - 1` of every live row in `rows.block_tables`.
@@ -140,7 +144,7 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
     def body(carry: tuple) -> tuple:
         k, kv_cache, state, out = carry
         live = ~state.is_done
-        kv_cache, state, sampled = decode_step(params, kv_cache, rows, state, cfg, backend)
+        kv_cache, state, sampled = decode_step(params, kv_cache, rows, state, cfg, backend, block_size)
         column = jnp.where(live, k, max_steps)  # done rows: out of bounds, dropped
         rows_ = jnp.arange(B)
         out = WindowOutput(

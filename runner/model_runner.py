@@ -61,12 +61,14 @@ def _general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, r
     return _constrain(sampled, out_sharding), hidden, kv_cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend", "max_steps", "kv_shardings", "out_sharding"),
+@functools.partial(jax.jit, static_argnames=("cfg", "backend", "max_steps", "block_size", "kv_shardings",
+                                             "out_sharding"),
                    donate_argnames=("kv_cache",))
 def _window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
-                 num_steps: jax.Array, cfg: ModelConfig, backend: str, max_steps: int, kv_shardings: Any,
-                 out_sharding: Any) -> tuple[WindowOutput, tuple[KVCache, ...]]:
-    kv_cache, _, out = decode_window(params, kv_cache, rows, state, num_steps, cfg, backend, max_steps)
+                 num_steps: jax.Array, cfg: ModelConfig, backend: str, max_steps: int, block_size: int,
+                 kv_shardings: Any, out_sharding: Any) -> tuple[WindowOutput, tuple[KVCache, ...]]:
+    kv_cache, _, out = decode_window(params, kv_cache, rows, state, num_steps, cfg, backend, max_steps,
+                                     block_size)
     return _constrain(out, out_sharding), _keep_shardings(kv_cache, kv_shardings)
 
 
@@ -92,12 +94,13 @@ def general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, ro
 
 
 def window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
-                num_steps: int, cfg: ModelConfig, backend: str, max_steps: int) -> tuple[Any, Any]:
+                num_steps: int, cfg: ModelConfig, backend: str, max_steps: int,
+                block_size: int) -> tuple[Any, Any]:
     """Up to `num_steps` decode steps (one program for every `num_steps <= max_steps`):
     (the window's tokens, replicated on every device of the weights' mesh so that every
     process can read them back; the donated cache)."""
     return _window_step(params, kv_cache, rows, state, np.int32(num_steps), cfg=cfg, backend=backend,
-                        max_steps=max_steps, kv_shardings=_named_shardings(kv_cache),
+                        max_steps=max_steps, block_size=block_size, kv_shardings=_named_shardings(kv_cache),
                         out_sharding=_replicated_like(params))
 
 
@@ -212,7 +215,7 @@ class ModelRunner:
         config = self._state.config
         out, _ = self._donating(window_step, rows, state, num_steps, config.model_config.for_compile(),
                                 config.cache_config.attention_backend,
-                                config.scheduler_config.max_decode_steps)
+                                config.scheduler_config.max_decode_steps, config.cache_config.block_size)
         return out
 
     def _donating(self, program: Any, *args: Any) -> tuple:

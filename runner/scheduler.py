@@ -7,6 +7,10 @@ admitted while budget, sequence slots and KV blocks last, each starting after th
 prefix the block pool already holds. When a running request needs a block and none is
 free, the most recently admitted request is preempted: its blocks are freed, its progress
 reset to zero, and it goes back to the front of the queue with its outputs kept.
+
+When every running request decodes, a step is a decode window of `num_steps` tokens per
+request (see `_window`): the KV slots of the whole window are reserved up front, and a
+request that ends early returns them with the rest of its blocks when it finishes.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def test_decode_window_is_callable_from_user_jit(auto, checkpoint):
 
     @jax.jit
     def generate(params, kv_cache, rows: RowSettings, state: DecodeState):
-        return decode_window(params, kv_cache, rows, state, 12, cfg, max_steps=12)
+        return decode_window(params, kv_cache, rows, state, 12, cfg, max_steps=12, block_size=BLOCK)
 
     kv_cache = jax.tree.map(lambda x: x.copy(), state_.kv_cache)
     _, final, window = generate(state_.params, kv_cache, rows, state)
