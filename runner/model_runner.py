@@ -25,7 +25,7 @@ from runner import lifecycle, sharding
 from runner.decode_loop import DecodeState, RowSettings, WindowOutput, decode_window, step_metadata
 from runner.prepare import BucketSizes, prepare_batch, prepare_rows, prepare_state, window_block_tables
 from runner.sampler import SamplerOutput, prompt_logprobs, sample_switched
-from runner.scheduler import SchedulerOutput
+from runner.scheduler import ScheduledRequest, SchedulerOutput
 from state.batch import Batch, bucket
 from state.config import ModelConfig, RunnerConfig
 from state.kv_cache import KVCache, allocate_kv_cache
@@ -150,6 +150,12 @@ class PromptLogprobs:
     top_logprobs: np.ndarray  # [n, MAX_LOGPROBS]
 
 
+def _gathers_prompt_logprobs(s: ScheduledRequest) -> bool:
+    """Whether `s` computes prompt positions whose log-probabilities its request wants
+    (only the general step returns the hidden states they come from)."""
+    return s.request.sampling_params.prompt_logprobs is not None and s.request.is_prefilling_prompt
+
+
 class ModelRunner:
     """The shell around one `RunnerState`: lifecycle operations swap it, steps read it."""
 
@@ -245,14 +251,14 @@ class ModelRunner:
         and decodes (a window of `out.num_steps` tokens for decodes), gather requested
         log-probabilities. Returns results by request id.
 
-        Single-token sequences (decodes) run through the decode window, the rest through
-        the general batch. The general batch's masked attention costs its tokens times every
+        Single-token sequences (decodes; not prompt positions whose logprobs are wanted) run
+        through the decode window, the rest through the general batch. The general batch's masked attention costs its tokens times every
         key it lists; keeping decode contexts out of it is worth reading the weights twice
         (measured on W1 at batch 32: mixed steps 4x cheaper). Both shapes are ones the
         warm-up compiles already, and each sequence's computation is the same either way.
         """
-        decodes = [s for s in out.scheduled if s.num_tokens == 1]
-        rest = [s for s in out.scheduled if s.num_tokens > 1]
+        decodes = [s for s in out.scheduled if s.num_tokens == 1 and not _gathers_prompt_logprobs(s)]
+        rest = [s for s in out.scheduled if s not in decodes]
         results = self._execute_window(SchedulerOutput(decodes, out.num_steps)) if decodes else {}
         if rest:
             results.update(self._execute_general(SchedulerOutput(rest)))

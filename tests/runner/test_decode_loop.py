@@ -72,11 +72,14 @@ def assert_idle(llm: LLM) -> None:
 
 
 def completions(llm: LLM, prompts: list[list[int]], params) -> list[list[tuple]]:
-    """Per prompt, per completion: (tokens, finish reason, stop reason, text, logprob keys)."""
+    """Per prompt, per completion: (tokens, finish reason, stop reason, text, logprob keys,
+    prompt logprob keys)."""
     outs = llm.generate([ids(p) for p in prompts], params, use_tqdm=False)
     assert_idle(llm)
     return [[(c.token_ids, c.finish_reason, c.stop_reason, c.text,
-              [sorted(d) for d in c.logprobs] if c.logprobs else None) for c in o.outputs] for o in outs]
+              [sorted(d) for d in c.logprobs] if c.logprobs else None,
+              [sorted(d) if d else d for d in o.prompt_logprobs] if o.prompt_logprobs else None)
+             for c in o.outputs] for o in outs]
 
 
 def window_lengths(llm: LLM, monkeypatch) -> list[int]:
@@ -107,6 +110,7 @@ FEATURES = {
                                      max_tokens=20, ignore_eos=True),
     "eos": SamplingParams(temperature=1.5, seed=8, max_tokens=20),
     "logprobs": SamplingParams(temperature=0.8, seed=3, logprobs=3, max_tokens=20, ignore_eos=True),
+    "prompt logprobs": SamplingParams(temperature=0, prompt_logprobs=2, max_tokens=20, ignore_eos=True),
     "n > 1": SamplingParams(n=3, temperature=1.0, seed=6, max_tokens=20, ignore_eos=True),
 }
 
@@ -131,7 +135,7 @@ def test_stop_strings_end_mid_window_and_drop_the_tokens_after(one_step, auto, m
     seen = window_lengths(auto, monkeypatch)
     got = completions(auto, [PROMPTS[1]], params)
     assert got == expected
-    (tokens, reason, stop_reason, text, _), = got[0]
+    (tokens, reason, stop_reason, text, _, _), = got[0]
     assert (reason, stop_reason) == ("stop", stop) and len(tokens) < 24 and stop not in text
     assert max(seen) > len(tokens) - 1  # the window ran past the stop string
 
