@@ -270,14 +270,19 @@ def parity(section: Section, sizes: Sizes) -> None:
             figures: dict[str, Any] = {}
             # float32 on both sides at full precision: TF32 matrix products (JAX's default on
             # GPUs) would be a 1e-3 effect of their own.
+            by_backend = {}
             with jax.default_matmul_precision("highest"):
                 for backend in ("reference", "pallas"):
                     tokens, lps = ours_greedy(folder, "float32", backend, prompts, sizes.parity_new_tokens)
+                    by_backend[backend] = (tokens, lps)
                     diff = _max_diff(lps, ref_lps)
                     figures[f"float32_{backend}"] = {"greedy_identical": tokens == ref_tokens,
                                                      "max_logprob_diff": diff}
                     section.check(f"{family}_float32_{backend}_greedy", tokens == ref_tokens)
                     section.check(f"{family}_float32_{backend}_logprobs_1e-3", diff <= 1e-3)
+            (ref_t, ref_l), (pal_t, pal_l) = by_backend["reference"], by_backend["pallas"]
+            figures["float32_pallas_vs_reference_logprob_diff"] = _max_diff(pal_l, ref_l)
+            section.check(f"{family}_float32_pallas_equals_reference", pal_t == ref_t)
             bf16 = model.to(torch.bfloat16)
             tokens, lps = ours_greedy(folder, "bfloat16", "pallas", prompts, sizes.parity_new_tokens)
             bf16_tokens, _ = torch_greedy(bf16, prompts, sizes.parity_new_tokens)
