@@ -46,13 +46,12 @@ _MEDIA_KEYS = ("multi_modal_data", "mm_processor_kwargs")
 
 
 def _token_ids(index: int, ids: Any) -> list[int]:
-    """Token ids as Python ints: a list or tuple (or 1-D numpy array) of non-negative ints."""
+    """Token ids as Python ints: a list or tuple (or 1-D numpy array) of ints (their range is
+    checked against the vocabulary by `encode_prompt`)."""
     if hasattr(ids, "tolist") and getattr(ids, "ndim", 1) == 1:
         ids = ids.tolist()
     if not isinstance(ids, (list, tuple)):
         raise ValueError(f"prompt {index}: prompt_token_ids: expected a list of ints, got {type(ids).__name__}")
-    if not ids:
-        raise ValueError(f"prompt {index}: prompt_token_ids: expected at least one token id, got []")
     out = []
     for j, t in enumerate(ids):
         try:
@@ -61,8 +60,6 @@ def _token_ids(index: int, ids: Any) -> list[int]:
             value = operator.index(t)  # ints and numpy integers, not floats
         except TypeError:
             raise ValueError(f"prompt {index}: prompt_token_ids[{j}]: expected an int token id, got {t!r}") from None
-        if value < 0:
-            raise ValueError(f"prompt {index}: prompt_token_ids[{j}]: expected a token id >= 0, got {value}")
         out.append(value)
     return out
 
@@ -124,8 +121,9 @@ def sampling_list(sampling_params: Any, n: int) -> list[SamplingParams]:
 
 
 def encode_prompt(index: int, prompt: Prompt, tokenizer: Tokenizer | None,
-                  config: RunnerConfig) -> list[int]:
-    """Token ids of one prompt, checked against the vocabulary and max_model_len."""
+                  config: RunnerConfig) -> tuple[str | None, list[int]]:
+    """(text, token ids) of one prompt, the ids checked against the vocabulary and
+    max_model_len."""
     text, ids = parse_prompt(index, prompt)
     if ids is None:
         if tokenizer is None:
@@ -145,13 +143,24 @@ def encode_prompt(index: int, prompt: Prompt, tokenizer: Tokenizer | None,
     if len(ids) >= max_len:
         raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len={max_len} "
                          "leaves no room for a generated token")
-    return ids
+    return text, ids
 
 
 def check_request(index: int, ids: list[int], params: SamplingParams, config: RunnerConfig,
-                  scheduler: Scheduler, tokenizer: Tokenizer | None) -> None:
-    """What SamplingParams cannot check alone: token ids against this vocabulary, stop
-    strings against the tokenizer, and the request's KV against the whole pool."""
+                  scheduler: Scheduler, tokenizer: Tokenizer | None, max_logprobs: int) -> SamplingParams:
+    """The engine's own copy of `params`, validated again (the caller may have changed
+    them since they were built, and later changes must not reach the request), with
+    `max_tokens=None` resolved; plus what SamplingParams cannot check alone: token ids
+    against this vocabulary, stop strings against the tokenizer, logprobs against
+    `max_logprobs`, and the request's KV against the whole pool."""
+    try:
+        params = params.validated(config.scheduler_config.max_model_len, len(ids))
+    except ValueError as e:
+        raise ValueError(f"prompt {index}: {e}") from None
+    for name in ("logprobs", "prompt_logprobs"):
+        if (getattr(params, name) or 0) > max_logprobs:
+            raise ValueError(f"prompt {index}: SamplingParams.{name}={getattr(params, name)} exceeds "
+                             f"max_logprobs={max_logprobs} (raise it when building the LLM)")
     vocab = config.model_config.vocab_size
     for name, tokens in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or ())):
         bad = [t for t in tokens if not 0 <= t < vocab]
@@ -163,3 +172,4 @@ def check_request(index: int, ids: list[int], params: SamplingParams, config: Ru
         scheduler.check_fits(len(ids), params.max_tokens)
     except ValueError as e:
         raise ValueError(f"prompt {index}: {e}") from None
+    return params

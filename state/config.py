@@ -167,8 +167,10 @@ class ModelConfig:
         return dataclasses.replace(self, **resets)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "auto") -> ModelConfig:
-        """Read a Hugging Face `config.json`; refuse any feature this runner does not implement."""
+    def from_pretrained(cls, path: str | Path, dtype: str = "auto",
+                        overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+        """Read a Hugging Face `config.json` (with `overrides` merged over its top-level
+        keys, like vLLM's `hf_overrides`); refuse any feature this runner does not implement."""
         if not Path(path).is_dir():
             raise FileNotFoundError(f"model folder {str(path)!r} does not exist or is not a folder: "
                                     "expected a Hugging Face model folder holding config.json")
@@ -181,14 +183,17 @@ class ModelConfig:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from e
         if not isinstance(hf, dict):
             raise ValueError(f"{config_file} must hold a JSON object, got {type(hf).__name__}")
-        return cls.from_hf_dict(hf, model=str(path), dtype=dtype)
+        return cls.from_hf_dict({**hf, **(overrides or {})}, model=str(path), dtype=dtype)
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any], *, model: str | None = None,
                      dtype: str = "auto") -> ModelConfig:
         archs = hf.get("architectures") or []
         if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architectures {archs!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            remote = (" (its config.json names custom code in auto_map, which this runner never runs, "
+                      "trust_remote_code or not)" if "auto_map" in hf else "")
+            raise ValueError(f"unsupported architectures {archs!r}{remote}; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         _reject_unimplemented(hf)
         try:
             hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -336,6 +341,8 @@ class CacheConfig:
     block_size: int = _f(Effect.REALLOCATE, 16, "tokens per KV block")
     num_blocks: int | None = _f(Effect.REALLOCATE, None, "KV blocks; None: from memory_budget_bytes")
     memory_budget_bytes: int | None = _f(Effect.REALLOCATE, None, "KV budget when num_blocks is None")
+    gpu_memory_utilization: float | None = _f(Effect.REALLOCATE, None,
+                                              "KV budget as a fraction of free device memory (see kv_cache)")
     kv_cache_dtype: str = _f(Effect.REALLOCATE, "auto", "auto (= model dtype) | float32 | bfloat16 | fp8")
     enable_prefix_caching: bool = _f(Effect.REALLOCATE, True, "share full blocks between requests")
     attention_backend: str = _f(Effect.REALLOCATE, "reference",
@@ -346,6 +353,9 @@ class CacheConfig:
         _check_positive_int("CacheConfig", "block_size", self.block_size)
         _check_positive_int("CacheConfig", "num_blocks", self.num_blocks, allow_none=True)
         _check_positive_int("CacheConfig", "memory_budget_bytes", self.memory_budget_bytes, allow_none=True)
+        u = self.gpu_memory_utilization
+        _require(u is None or (_is_finite_number(u) and 0 < u <= 1), "CacheConfig", "gpu_memory_utilization",
+                 f"expected a fraction in (0, 1], got {u!r}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "CacheConfig", "kv_cache_dtype",
                  f"unknown {self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
         _require(isinstance(self.enable_prefix_caching, bool), "CacheConfig", "enable_prefix_caching",

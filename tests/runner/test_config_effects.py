@@ -49,6 +49,7 @@ OTHER_VALUES: dict[str, object] = {
     "cache_config.block_size": 8,
     "cache_config.num_blocks": 7,
     "cache_config.memory_budget_bytes": 1 << 20,
+    "cache_config.gpu_memory_utilization": 0.5,
     "cache_config.kv_cache_dtype": "bfloat16",
     "cache_config.enable_prefix_caching": False,
     "cache_config.attention_backend": "pallas",

@@ -38,8 +38,8 @@ def generate(llm: Any) -> list[dict[str, Any]]:
     llm.reset_prefix_cache()
     outs = llm.generate(PROMPTS, sampling(), use_tqdm=False)
 
-    def entries(d: dict[int, float] | None) -> list[list[float]] | None:
-        return None if d is None else sorted([int(k), float(v)] for k, v in d.items())
+    def entries(d: dict[int, Any] | None) -> list[list[float]] | None:
+        return None if d is None else sorted([int(k), float(v.logprob)] for k, v in d.items())
 
     return [{"tokens": o.outputs[0].token_ids,
              "logprobs": [entries(d) for d in o.outputs[0].logprobs],
