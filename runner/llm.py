@@ -119,11 +119,13 @@ class LLM:
 
     @_exclusive
     def reload_weights(self, weights_path: str | None = None, weights_iterator: Any = None,
-                       params: Params | None = None, is_checkpoint_format: bool = True) -> None:
+                       params: Params | None = None, is_checkpoint_format: bool = True,
+                       assume_same_model: bool = False) -> None:
         """Swap in new weights (see `runner.lifecycle.reload_weights`); cached prefixes,
         computed with the old weights, are dropped."""
         self.engine.reload_weights(weights_path=weights_path, weights_iterator=weights_iterator,
-                                   params=params, is_checkpoint_format=is_checkpoint_format)
+                                   params=params, is_checkpoint_format=is_checkpoint_format,
+                                   assume_same_model=assume_same_model)
 
     @_exclusive
     def sleep(self, level: int = 1) -> None:

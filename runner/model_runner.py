@@ -158,10 +158,12 @@ class ModelRunner:
         return self._state.config
 
     def reload_weights(self, weights_path: str | None = None, weights_iterator: Any = None,
-                       params: Params | None = None, is_checkpoint_format: bool = True) -> None:
+                       params: Params | None = None, is_checkpoint_format: bool = True,
+                       assume_same_model: bool = False) -> None:
         self._state = lifecycle.reload_weights(self._state, weights_path=weights_path,
                                                weights_iterator=weights_iterator, params=params,
-                                               is_checkpoint_format=is_checkpoint_format)
+                                               is_checkpoint_format=is_checkpoint_format,
+                                               assume_same_model=assume_same_model)
 
     def sleep(self, level: int = 1) -> None:
         old = self._state
