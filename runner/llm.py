@@ -162,6 +162,9 @@ class LLM:
         each process makes this same call (SPMD), runs the method itself, and gets every
         process's result, in process order. A failure in any process raises in all of them.
         """
+        if timeout is not None and not isinstance(timeout, (int, float)):
+            raise ValueError(f"collective_rpc: timeout must be seconds or None, got {type(timeout).__name__} "
+                             "(pass the method's arguments as args=(...), as in vLLM)")
         if callable(method):
             name, target = getattr(method, "__name__", "callable"), self._on_worker(method)
         elif method in RPC_METHODS:

@@ -140,7 +140,7 @@ def distributed(spec: dict[str, Any]) -> dict[str, Any]:
         "fully_addressable": [x.is_fully_addressable for x in jax.tree.leaves(llm.runner.params)][:3],
         "outputs": generate(llm)}
     record["rpc_reset"] = llm.collective_rpc("reset_prefix_cache")
-    configs = llm.collective_rpc("update_config", ({"load_config": {"check_finite": False}},))
+    configs = llm.collective_rpc("update_config", args=({"load_config": {"check_finite": False}},))
     record["rpc_update_config"] = [c.load_config.check_finite for c in configs]
     record["rpc_reload"] = llm.collective_rpc("reload_weights")
     with CompileCounter() as c:
