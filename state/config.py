@@ -67,6 +67,12 @@ def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool 
     _require(_is_int(value) and value > 0, record, name, f"expected a positive int, got {value!r}")
 
 
+def _check_in_vocab(name: str, token_ids: tuple[int, ...], vocab_size: int) -> None:
+    for token in token_ids:
+        _require(token < vocab_size, "ModelConfig", name,
+                 f"token id {token} is outside the vocabulary [0, {vocab_size}) (vocab_size)")
+
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
@@ -146,6 +152,10 @@ class ModelConfig:
                  name, "bos_token_id", f"expected None or a token id (an int >= 0), got {self.bos_token_id!r}")
         _require(isinstance(self.eos_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.eos_token_ids),
                  name, "eos_token_ids", f"expected a tuple of token ids (ints >= 0), got {self.eos_token_ids!r}")
+        # An id the logits do not cover can never be sampled, and indexing with it overflows.
+        _check_in_vocab("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,),
+                        self.vocab_size)
+        _check_in_vocab("eos_token_ids", self.eos_token_ids, self.vocab_size)
         # Read only by the dummy initialiser, so nothing else would catch a bad value early.
         _require(_is_finite_number(self.initializer_range) and self.initializer_range >= 0, name,
                  "initializer_range", f"expected a finite number >= 0, got {self.initializer_range!r}")
