@@ -8,6 +8,7 @@ naming the file, within seconds; a FIFO case that blocks is released and fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -233,3 +234,107 @@ def test_file_shrunk_after_its_header_was_checked_is_refused(tmp_path):
     os.truncate(path, path.stat().st_size - 100)
     with pytest.raises(CheckpointError, match=r"tensor 'b' ends past the end of the file"):
         next(tensors)
+
+
+# -- values exchanged between processes ----------------------------------------------------
+
+
+class PeerProcess:
+    """Stands in for `multihost_utils.process_allgather` in a two-process run: this process
+    is 0, and process 1 sends `sent` (default: the same bytes as process 0)."""
+
+    def __init__(self, sent: bytes | None = None) -> None:
+        self.sent = sent
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype == np.int32:  # the sizes round
+            self.own = int(x[0])
+            return np.stack([x, np.array([self.own if self.sent is None else len(self.sent)], np.int32)])
+        peer = x[:self.own].tobytes() if self.sent is None else self.sent
+        return np.stack([x, np.frombuffer(peer.ljust(x.size, b"\0"), np.uint8)])
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    from jax.experimental import multihost_utils
+
+    import runner.distributed as distributed
+
+    def connect(sent: bytes | None = None) -> None:
+        monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
+        monkeypatch.setattr(multihost_utils, "process_allgather", PeerProcess(sent))
+    return connect
+
+
+def _runner_config():
+    from state.config import RopeScaling, RunnerConfig, SchedulerConfig
+
+    model = ModelConfig.from_hf_dict({**HF_CONFIG, "eos_token_id": [2, 5]})
+    model = dataclasses.replace(model, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
+    return RunnerConfig(model_config=model, scheduler_config=SchedulerConfig(max_model_len=64))
+
+
+def test_values_come_back_from_every_process_as_they_were_sent(two_processes):
+    from runner.distributed import allgather_objects
+
+    two_processes()
+    for value in [17, None, (None, "RuntimeError('x')"), _runner_config(), {"a": [1, (2.5, True)], 3: {}}, ""]:
+        gathered = allgather_objects(value)
+        assert gathered == [value, value]
+        assert all(type(v) is type(value) for v in gathered)
+
+
+class Sideeffect:
+    ran = False
+
+    def __reduce__(self):
+        return (setattr, (Sideeffect, "ran", True))
+
+
+def test_a_pickle_from_a_peer_is_refused_and_never_run(two_processes):
+    import pickle
+
+    from runner.distributed import allgather_objects
+
+    two_processes(pickle.dumps(Sideeffect()))
+    with pytest.raises(ValueError, match=r"allgather_objects: process 1 sent bytes that are not JSON"):
+        allgather_objects(5)
+    assert not Sideeffect.ran
+
+
+@pytest.mark.parametrize("sent, message", [
+    (b'["value", {"record": ["Popen", {"args": "ls"}]}]', r"a peer sent .*Popen.*, which is not an encoded value"),
+    (b'["value", {"record": ["LoadConfig", {"seed": -1}]}]', r"LoadConfig\.seed: expected an int"),
+    (b'["value", {"record": ["LoadConfig", {"nope": 1}]}]', r"a peer sent a LoadConfig that does not fit it"),
+    (b'{"value": 1}', r"process 1 sent \{'value': 1\}, which is not a message of this exchange"),
+    (b'["refused", "allgather_objects: cannot send a Thing"]',
+     r"allgather_objects: process 1 cannot send its value: allgather_objects: cannot send a Thing"),
+])
+def test_what_a_peer_sends_is_parsed_as_data_only(two_processes, sent, message):
+    from runner.distributed import allgather_objects
+
+    two_processes(sent)
+    with pytest.raises(ValueError, match=message):
+        allgather_objects(5)
+
+
+class Thing:
+    pass
+
+
+@pytest.mark.parametrize("value, message", [
+    (Thing(), r"cannot send a Thing; expected None, bool, int, float, str, list, tuple, dict or a state\.config"),
+    ([1, {2: float("nan")}], r"nan is not a finite float"),
+    ({(1, 2): 3}, r"dict key \(1, 2\) is not a str or int"),
+    (os.stat_result(range(10)), r"cannot send a stat_result"),
+])
+def test_values_that_are_not_plain_data_are_refused(two_processes, value, message):
+    """Refused with one process as with many; with many, the refusing process still takes
+    part in the exchange (its peers see the refusal rather than wait)."""
+    from runner.distributed import allgather_objects
+
+    with pytest.raises(ValueError, match=message):
+        allgather_objects(value)
+    two_processes()
+    with pytest.raises(ValueError, match=r"process 0 cannot send its value: .*" + message):
+        allgather_objects(value)
