@@ -164,9 +164,10 @@ def _checked_header(f: BinaryIO, file: Path, expected: Callable[[str], bool] | N
     header = _parse_header(raw, file)
     entries = {name: _entry(name, value, 8 + n, file) for name, value in header.items() if name != "__metadata__"}
     _check_layout(entries, 8 + n, size, file)
-    for name in entries if expected is not None else ():
-        if not expected(name):
-            raise CheckpointError(f"unexpected tensor {name!r} in {file}: the model has no weight of that name")
+    if expected is not None:
+        for name in sorted(entries):
+            if not expected(name):
+                raise CheckpointError(f"unexpected tensor {name!r} in {file}: the model has no weight of that name")
     for name, e in sorted(entries.items()):
         if e.dtype not in _NUMPY_DTYPES:
             raise CheckpointError(f"tensor {name!r} in {file} has dtype {e.dtype}, which cannot be read "

@@ -206,12 +206,14 @@ LYING_HEADERS = {
                         r"invalid JSON in header: tensor 'x': shape must be a list of ints"),
     "offsets of three": ({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1, 2]}}, None,
                          r"invalid JSON in header: tensor 'x': data_offsets must be two ints"),
-    "metadata not strings": ({"__metadata__": {"a": 1}}, None, r"invalid JSON in header: __metadata__ must map strings to strings"),
+    "metadata not strings": ({"__metadata__": {"a": 1}}, None,
+                             r"invalid JSON in header: __metadata__ must map strings to strings"),
     "entry not an object": ({"x": [1]}, None, r"invalid JSON in header: tensor 'x': expected an object"),
     "dtype of a number": ({"x": {"dtype": 5, "shape": [1], "data_offsets": [0, 1]}}, None,
                           r"invalid JSON in header: tensor 'x': dtype must be a string"),
     "shape too large for 64 bits": ({"x": {"dtype": "U8", "shape": [2**64], "data_offsets": [0, 1]}}, None,
-                                    r"invalid JSON in header: tensor 'x': shape must be a list of ints in \[0, 2\*\*64\)"),
+                                    r"invalid JSON in header: tensor 'x': shape must be a list of ints "
+                                    r"in \[0, 2\*\*64\)"),
     "sub-byte tensor ending mid-byte": ({"x": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, None,
                                         r"tensor 'x' does not end at a byte boundary"),
 }

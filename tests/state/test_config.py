@@ -175,6 +175,7 @@ def test_token_ids_are_checked_against_the_vocabulary_on_every_path(tmp_path):
     with pytest.raises(ValueError, match=r"ModelConfig\.eos_token_ids: token id 200 is outside"):
         update_config(config, {"model_config": {"eos_token_ids": [2, 200]}})
     shrunk = update_config(config, {"model_config": {"eos_token_ids": [50]}})
-    with pytest.raises(ValueError, match=r"ModelConfig\.eos_token_ids: token id 50 is outside the vocabulary \[0, 40\)"):
+    with pytest.raises(ValueError, match=r"ModelConfig\.eos_token_ids: token id 50 is outside the "
+                                         r"vocabulary \[0, 40\)"):
         update_config(shrunk, {"model_config": {"vocab_size": 40}})
     assert config.model_config.eos_token_ids == ()
