@@ -15,12 +15,14 @@ import dataclasses
 import enum
 import json
 import math
+import os
+import stat
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from state.kv_cache import KV_LAYOUTS
 
@@ -67,6 +69,85 @@ def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool 
     if value is None and allow_none:
         return
     _require(_is_int(value) and value > 0, record, name, f"expected a positive int, got {value!r}")
+
+
+def _check_in_vocab(name: str, token_ids: tuple[int, ...], vocab_size: int) -> None:
+    for token in token_ids:
+        _require(token < vocab_size, "ModelConfig", name,
+                 f"token id {token} is outside the vocabulary [0, {vocab_size}) (vocab_size)")
+
+
+# -- reading JSON files people hand us ------------------------------------------------------
+
+MAX_JSON_BYTES = 100_000_000  # far beyond any config.json or index: bounds what one read takes
+MAX_JSON_DEPTH = 64  # HF configs nest a few levels; deeper is not a config
+
+
+def open_regular_file(path: Path, error: type[ValueError] = ValueError) -> BinaryIO:
+    """`path` opened for binary reading, or `error` naming it unless it is a regular file.
+
+    A FIFO or a device would block `open()` or `read()` forever, a symlink loop or a folder
+    fails with an OSError. Opening never blocks (O_NONBLOCK) and the type is checked on the
+    opened descriptor, so a file swapped in after a check cannot slip through.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise error(_not_openable(path, e)) from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{path} is {_file_kind(mode)}, not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _not_openable(path: Path, e: OSError) -> str:
+    try:  # a socket fails to open (ENXIO): name what it is rather than the errno
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        return f"{path} is {_file_kind(mode)}, not a regular file"
+    return f"cannot open {path}: {e.strerror or e}"
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def read_regular_file(path: Path, max_bytes: int, error: type[ValueError] = ValueError) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` bytes, else `error` naming it."""
+    with open_regular_file(path, error) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise error(f"cannot read {path}: {e.strerror or e}") from e
+    if len(data) > max_bytes:
+        raise error(f"{path} is larger than {max_bytes} bytes, more than a JSON file this runner reads")
+    return data
+
+
+def parse_json(data: bytes | str) -> Any:
+    """`json.loads` of UTF-8 text, raising only ValueError: for text that is not JSON, and for
+    nesting deeper than MAX_JSON_DEPTH (which would otherwise be a RecursionError here or later)."""
+    try:
+        # Decoded here: json.loads would guess UTF-16 from a byte-order mark.
+        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    stack = [(value, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
@@ -147,6 +228,10 @@ class ModelConfig:
                  name, "bos_token_id", f"expected None or a token id (an int >= 0), got {self.bos_token_id!r}")
         _require(isinstance(self.eos_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.eos_token_ids),
                  name, "eos_token_ids", f"expected a tuple of token ids (ints >= 0), got {self.eos_token_ids!r}")
+        # An id the logits do not cover can never be sampled, and indexing with it overflows.
+        _check_in_vocab("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,),
+                        self.vocab_size)
+        _check_in_vocab("eos_token_ids", self.eos_token_ids, self.vocab_size)
         # Read only by the dummy initialiser, so nothing else would catch a bad value early.
         _require(_is_finite_number(self.initializer_range) and self.initializer_range >= 0, name,
                  "initializer_range", f"expected a finite number >= 0, got {self.initializer_range!r}")
@@ -175,11 +260,12 @@ class ModelConfig:
             raise FileNotFoundError(f"model folder {str(path)!r} does not exist or is not a folder: "
                                     "expected a Hugging Face model folder holding config.json")
         config_file = Path(path) / "config.json"
-        if not config_file.is_file():
+        if not os.path.lexists(config_file):
             raise FileNotFoundError(f"no config.json in {str(path)!r}: expected a Hugging Face model folder")
+        data = read_regular_file(config_file, MAX_JSON_BYTES)
         try:
-            hf = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            hf = parse_json(data)
+        except ValueError as e:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from e
         if not isinstance(hf, dict):
             raise ValueError(f"{config_file} must hold a JSON object, got {type(hf).__name__}")

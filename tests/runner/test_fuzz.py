@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from runner import LLM, SamplingParams
-from runner.loader import iter_safetensors
+from runner.safetensors_io import iter_safetensors
 from runner.param_tree import CheckpointError
 from runner.tokenizer import Tokenizer
 from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig,

@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from runner import LLM, SamplingParams
 from runner.compilation import CompileCounter
-from runner.loader import iter_safetensors, resolve_format
+from runner.loader import resolve_format
+from runner.safetensors_io import iter_safetensors
 from runner.orbax_io import restore_params, save_params
 from runner.param_tree import CheckpointError
 from state.config import RunnerConfig
