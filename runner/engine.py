@@ -27,6 +27,7 @@ from runner.sampling_params import SamplingParams
 from runner.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from runner.tokenizer import Tokenizer
 from state.config import Effect, RunnerConfig, changed_fields
+from state.config import update_config as merge_config
 from state.request import Request
 
 
@@ -77,14 +78,20 @@ class Engine:
 
     # -- lifecycle: prefixes computed under the old state are dropped first ---------------
 
+    @property
+    def model_runner(self) -> ModelRunner:
+        """vLLM's name for a worker's runner (`collective_rpc` callables receive the engine)."""
+        return self.runner
+
     def update_config(self, overrides: dict[str, Any]) -> RunnerConfig:
-        old = self.runner.config
+        # KV computed under other RoPE or norm settings would be reused silently: found out
+        # on the merged record (pure), dropped before the swap.
+        if isinstance(overrides, dict) and any(
+                effect is Effect.RECOMPILE and name.startswith("model_config.")
+                for name, effect in changed_fields(self.runner.config, merge_config(self.runner.config, overrides))):
+            self.scheduler.reset_prefix_cache()
         new = self.runner.update_config(overrides)
         self.scheduler.config = new
-        # KV computed under other RoPE or norm settings would be reused silently.
-        if any(effect is Effect.RECOMPILE and name.startswith("model_config.")
-               for name, effect in changed_fields(old, new)):
-            self.scheduler.reset_prefix_cache()
         return new
 
     def reload_weights(self, **source: Any) -> None:
