@@ -10,7 +10,9 @@ every value.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,6 +33,10 @@ NO_OPS = {
     "trust_remote_code": "no code from a model folder ever runs; a model that needs custom code is "
                          "refused by its architecture name",
 }
+
+
+# vLLM's other names for dtypes (its `--dtype half`, `--dtype float`).
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,9 @@ class EngineArgs:
     def to_config(self, model: str | None, model_config: ModelConfig | None) -> RunnerConfig:
         """The runner's config for a model folder, or for an in-memory `model_config`."""
         if model_config is None:
-            model_config = ModelConfig.from_pretrained(model, dtype=_serving_dtype(model, self.dtype),
-                                                       overrides=self.hf_overrides)
+            dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
+            model_config = ModelConfig.from_pretrained(model, dtype=_serving_dtype(model, dtype),
+                                                       overrides=_rope_overrides(model, self.hf_overrides))
         # `is None`, not `or`: an explicit 0 must reach the validation, not mean "default".
         max_model_len = (model_config.max_position_embeddings if self.max_model_len is None
                          else self.max_model_len)
@@ -128,6 +135,22 @@ class EngineArgs:
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
                                            data_parallel_size=self.data_parallel_size),
         )
+
+
+def _rope_overrides(model: str, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`hf_overrides` with a top-level `rope_theta` also written into the file's
+    `rope_parameters`, which is where it is read from when present: vLLM moves a top-level
+    rope_theta into rope_parameters too, so {"rope_theta": x} changes the served theta."""
+    if not overrides or "rope_theta" not in overrides or "rope_parameters" in overrides:
+        return overrides
+    try:
+        hf = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):  # ModelConfig.from_pretrained reports the file's problem
+        return overrides
+    rope = hf.get("rope_parameters") if isinstance(hf, dict) else None
+    if not isinstance(rope, dict):
+        return overrides
+    return {**overrides, "rope_parameters": {**rope, "rope_theta": overrides["rope_theta"]}}
 
 
 def _on_gpu() -> bool:

@@ -306,12 +306,12 @@ class Tokenizer:
         ids_list = [self.encode(t, add_special_tokens) for t in text]
         return BatchEncoding(input_ids=ids_list, attention_mask=[[1] * len(ids) for ids in ids_list])
 
-    def decode(self, token_ids: int | Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `token_ids`. Special tokens are left out by default, as the engine decodes
-        outputs (transformers' own default is to keep them)."""
+    def decode(self, token_ids: int | Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `token_ids`. Special tokens are kept by default, as transformers keeps them
+        (the engine decodes outputs with the request's `skip_special_tokens`, True by default)."""
         return self._tok.decode(_id_list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def batch_decode(self, sequences: Iterable[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+    def batch_decode(self, sequences: Iterable[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
     # -- chat ------------------------------------------------------------------------------
