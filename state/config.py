@@ -150,7 +150,10 @@ def parse_json(data: bytes | str) -> Any:
     return value
 
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+# transformers' model_type of each architecture (written on export).
+MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+               "MistralForCausalLM": "mistral"}
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
@@ -180,7 +183,7 @@ class RopeScaling:
 class ModelConfig:
     """Architecture of a llama-like decoder. Hashable: the jitted step takes it as static."""
 
-    architecture: str = _f(Effect.RESTART, doc="Qwen3ForCausalLM or LlamaForCausalLM")
+    architecture: str = _f(Effect.RESTART, doc="Qwen3, Llama, Qwen2 or Mistral ...ForCausalLM")
     vocab_size: int = _f(Effect.RESTART)
     hidden_size: int = _f(Effect.RESTART)
     intermediate_size: int = _f(Effect.RESTART)
@@ -190,6 +193,8 @@ class ModelConfig:
     head_dim: int = _f(Effect.RESTART)
     tie_word_embeddings: bool = _f(Effect.RESTART, False, "one embedding leaf serves as lm_head")
     dtype: str = _f(Effect.RESTART, "float32", "parameter and activation dtype")
+    attention_bias: bool = _f(Effect.RESTART, False, "q/k/v projections carry biases (Qwen2)")
+    sliding_window: int | None = _f(Effect.RESTART, None, "attention window; only >= max_model_len (full) is served")
     rms_norm_eps: float = _f(Effect.RECOMPILE, 1e-6)
     rope_theta: float = _f(Effect.RECOMPILE, 10000.0)
     rope_scaling: RopeScaling | None = _f(Effect.RECOMPILE, None, "llama3 scaling or None")
@@ -235,6 +240,9 @@ class ModelConfig:
         # Read only by the dummy initialiser, so nothing else would catch a bad value early.
         _require(_is_finite_number(self.initializer_range) and self.initializer_range >= 0, name,
                  "initializer_range", f"expected a finite number >= 0, got {self.initializer_range!r}")
+        _require(isinstance(self.attention_bias, bool), name, "attention_bias",
+                 f"expected a bool, got {self.attention_bias!r}")
+        _check_positive_int(name, "sliding_window", self.sliding_window, allow_none=True)
 
     @property
     def qk_norm(self) -> bool:
@@ -280,7 +288,7 @@ class ModelConfig:
                       "trust_remote_code or not)" if "auto_map" in hf else "")
             raise ValueError(f"unsupported architectures {archs!r}{remote}; supported: "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        _reject_unimplemented(hf)
+        _reject_unimplemented(hf, archs[0])
         try:
             hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
             rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -295,6 +303,9 @@ class ModelConfig:
             derived_head_dim = hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None
             return cls(
                 architecture=archs[0],
+                # Qwen2 always has q/k/v biases (its config has no flag for them).
+                attention_bias=archs[0] == "Qwen2ForCausalLM",
+                sliding_window=hf.get("sliding_window") if archs[0] == "MistralForCausalLM" else None,
                 vocab_size=hf["vocab_size"],
                 hidden_size=hidden,
                 intermediate_size=hf["intermediate_size"],
@@ -327,7 +338,7 @@ class ModelConfig:
                                        else list(self.eos_token_ids))
         return {
             "architectures": [self.architecture],
-            "model_type": "qwen3" if self.qk_norm else "llama",
+            "model_type": MODEL_TYPES[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -344,18 +355,22 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
             "initializer_range": self.initializer_range,
-            "attention_bias": False,
+            "attention_bias": self.attention_bias,
+            "sliding_window": self.sliding_window,
+            "use_sliding_window": False,
             "dtype": self.dtype,
             "torch_dtype": self.dtype,  # the key transformers 4.x reads
         }
 
 
-def _reject_unimplemented(hf: Mapping[str, Any]) -> None:
+def _reject_unimplemented(hf: Mapping[str, Any], architecture: str) -> None:
     """Fail on config features that would silently change the model if ignored."""
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
-    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+    # Llama's attention_bias also puts a bias on o_proj; Qwen2's q/k/v biases are built in.
+    flags = ("mlp_bias", "use_sliding_window") + (() if architecture == "Qwen2ForCausalLM" else ("attention_bias",))
+    for flag in flags:
         if hf.get(flag):
             problems.append(f"{flag}=true")
     layer_types = hf.get("layer_types") or []
@@ -509,6 +524,10 @@ class RunnerConfig:
         max_len, max_pos = self.scheduler_config.max_model_len, self.model_config.max_position_embeddings
         _require(max_len <= max_pos, "SchedulerConfig", "max_model_len",
                  f"{max_len} exceeds the model's max_position_embeddings ({max_pos})")
+        window = self.model_config.sliding_window
+        _require(window is None or window >= max_len, "ModelConfig", "sliding_window",
+                 f"{window} is shorter than max_model_len ({max_len}): sliding-window attention is not "
+                 f"implemented; serve with max_model_len <= {window}, where the window covers every position")
         heads, kv_heads = self.model_config.num_attention_heads, self.model_config.num_key_value_heads
         tp = self.parallel_config.tensor_parallel_size
         _require(heads % tp == 0, "ParallelConfig", "tensor_parallel_size",

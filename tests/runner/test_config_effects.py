@@ -34,6 +34,8 @@ OTHER_VALUES: dict[str, object] = {
     "model_config.head_dim": 16,
     "model_config.tie_word_embeddings": True,
     "model_config.dtype": "bfloat16",
+    "model_config.attention_bias": True,
+    "model_config.sliding_window": 4096,
     "model_config.rms_norm_eps": 1e-5,
     "model_config.rope_theta": 500000.0,
     "model_config.rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
