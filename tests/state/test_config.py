@@ -130,7 +130,7 @@ def test_from_pretrained_reads_llama3_rope_in_both_spellings(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"architectures": ["MistralForCausalLM"]}, "unsupported architectures"),
+    ({"architectures": ["MixtralForCausalLM"]}, "unsupported architectures"),
     ({"use_sliding_window": True}, "use_sliding_window=true"),
     ({"attention_bias": True}, "attention_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
