@@ -286,8 +286,9 @@ def test_sampling_params_fuzz():
                      "repetition_penalty"):
             assert math.isfinite(getattr(params, name))
         assert all(math.isfinite(v) for v in (params.logit_bias or {}).values())
-        assert -1 <= params.top_k < 2**31 and 1 <= params.max_tokens
-        assert 0 <= params.min_tokens <= params.max_tokens
+        # max_tokens=None means "up to max_model_len", resolved when the request is submitted.
+        assert -1 <= params.top_k < 2**31 and (params.max_tokens is None or 1 <= params.max_tokens)
+        assert 0 <= params.min_tokens <= (math.inf if params.max_tokens is None else params.max_tokens)
         assert all(isinstance(s, str) and s for s in params.stop_strings)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             assert isinstance(getattr(params, name), bool)
