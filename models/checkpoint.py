@@ -22,6 +22,9 @@ NAME_MAP: tuple[tuple[str, str, bool], ...] = (
     (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "layers.{}.wk", True),
     (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "layers.{}.wv", True),
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers.{}.wo", True),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "layers.{}.bq", False),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "layers.{}.bk", False),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "layers.{}.bv", False),
     (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "layers.{}.q_norm", False),
     (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "layers.{}.k_norm", False),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{}.mlp_norm", False),
@@ -61,6 +64,8 @@ def leaf_for(name: str, cfg: ModelConfig) -> tuple[str, bool] | None:
                 break
             leaf = leaf.format(layer)
         if not cfg.qk_norm and leaf.endswith(("q_norm", "k_norm")):
+            break
+        if not cfg.attention_bias and leaf.endswith((".bq", ".bk", ".bv")):
             break
         return leaf, transpose
     raise KeyError(f"unexpected tensor {name!r}: not a weight of a {cfg.num_hidden_layers}-layer "

@@ -18,9 +18,9 @@ from models.rope import apply_rope, rope_tables
 from state.config import ModelConfig
 
 
-def _linear(n_in: int, n_out: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(n_in: int, n_out: int, cfg: ModelConfig, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
     init = nnx.initializers.normal(cfg.initializer_range)
-    return nnx.Linear(n_in, n_out, use_bias=False, kernel_init=init, param_dtype=jnp.dtype(cfg.dtype),
+    return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=init, param_dtype=jnp.dtype(cfg.dtype),
                       rngs=rngs)
 
 
@@ -32,9 +32,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
         D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = _linear(D, H * Dh, cfg, rngs)
-        self.k_proj = _linear(D, K * Dh, cfg, rngs)
-        self.v_proj = _linear(D, K * Dh, cfg, rngs)
+        bias = cfg.attention_bias  # Qwen2: q/k/v biases
+        self.q_proj = _linear(D, H * Dh, cfg, rngs, bias)
+        self.k_proj = _linear(D, K * Dh, cfg, rngs, bias)
+        self.v_proj = _linear(D, K * Dh, cfg, rngs, bias)
         self.o_proj = _linear(H * Dh, D, cfg, rngs)
         self.q_norm = _norm(Dh, cfg, rngs) if cfg.qk_norm else None
         self.k_norm = _norm(Dh, cfg, rngs) if cfg.qk_norm else None

@@ -1,4 +1,5 @@
-"""The llama-like decoder core shared by Llama and Qwen3 (Qwen3 adds q/k norm).
+"""The llama-like decoder core shared by Llama, Mistral, Qwen2 and Qwen3 (Qwen2 adds q/k/v
+biases, Qwen3 q/k norm; Mistral is Llama with a window this runner only serves in full).
 
 Pure functions of (params, kv_cache, batch, cfg): no state, no I/O, no jit placement.
 `cfg` is static (hashable) and every array is an argument, so a weight swap never
@@ -35,9 +36,10 @@ def _attention_block(layer: LayerParams, x: jax.Array, cache: KVCache, batch: Ba
     T = x.shape[0]
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-    q = (h @ layer.wq).reshape(T, H, Dh)
-    k = (h @ layer.wk).reshape(T, K, Dh)
-    v = (h @ layer.wv).reshape(T, K, Dh)
+    q, k, v = h @ layer.wq, h @ layer.wk, h @ layer.wv
+    if cfg.attention_bias:  # Qwen2
+        q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
+    q, k, v = q.reshape(T, H, Dh), k.reshape(T, K, Dh), v.reshape(T, K, Dh)
     if cfg.qk_norm:
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)

@@ -60,6 +60,7 @@ class WindowOutput:
 
     token_ids: Any  # [B, K] i32, -1 past the row's last token
     logprobs: Any  # [B, K] f32
+    ranks: Any  # [B, K] i32 1-based rank of each token (zeros unless some row wants logprobs)
     top_ids: Any  # [B, K, top_width(V)] i32 (zeros unless some row wants logprobs)
     top_logprobs: Any  # [B, K, top_width(V)] f32
     num_tokens: Any  # [B] i32 tokens each row produced
@@ -133,6 +134,7 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
     k = top_width(cfg.vocab_size)
     out = WindowOutput(token_ids=jnp.full((B, max_steps), -1, jnp.int32),
                        logprobs=jnp.zeros((B, max_steps), jnp.float32),
+                       ranks=jnp.zeros((B, max_steps), jnp.int32),
                        top_ids=jnp.zeros((B, max_steps, k), jnp.int32),
                        top_logprobs=jnp.zeros((B, max_steps, k), jnp.float32),
                        num_tokens=jnp.zeros(B, jnp.int32))
@@ -150,6 +152,7 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
         out = WindowOutput(
             token_ids=out.token_ids.at[rows_, column].set(sampled.token_ids, mode="drop"),
             logprobs=out.logprobs.at[rows_, column].set(sampled.logprobs, mode="drop"),
+            ranks=out.ranks.at[rows_, column].set(sampled.ranks, mode="drop"),
             top_ids=out.top_ids.at[rows_, column].set(sampled.top_ids, mode="drop"),
             top_logprobs=out.top_logprobs.at[rows_, column].set(sampled.top_logprobs, mode="drop"),
             num_tokens=out.num_tokens + live)

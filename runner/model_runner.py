@@ -134,6 +134,7 @@ class SequenceResult:
 
     token_ids: tuple[int, ...] = ()  # in order; empty when the step only advanced a prompt chunk
     logprobs: tuple[float, ...] = ()
+    ranks: tuple[int, ...] = ()  # of each token in the full distribution, when logprobs are asked
     top_ids: np.ndarray | None = None  # [n, MAX_LOGPROBS] most likely tokens per step, when asked
     top_logprobs: np.ndarray | None = None  # [n, MAX_LOGPROBS] their log-probabilities
     prompt_logprobs: PromptLogprobs | None = None  # this chunk's positions, when asked
@@ -148,6 +149,7 @@ class PromptLogprobs:
     next_logprobs: np.ndarray  # [n]
     top_ids: np.ndarray  # [n, MAX_LOGPROBS]
     top_logprobs: np.ndarray  # [n, MAX_LOGPROBS]
+    ranks: np.ndarray  # [n] 1-based rank of the next prompt token
 
 
 def _gathers_prompt_logprobs(s: ScheduledRequest) -> bool:
@@ -193,10 +195,12 @@ class ModelRunner:
         return self._state.config
 
     def reload_weights(self, weights_path: str | None = None, weights_iterator: Any = None,
-                       params: Params | None = None, is_checkpoint_format: bool = True) -> None:
+                       params: Params | None = None, is_checkpoint_format: bool = True,
+                       assume_same_model: bool = False) -> None:
         self._state = lifecycle.reload_weights(self._state, weights_path=weights_path,
                                                weights_iterator=weights_iterator, params=params,
-                                               is_checkpoint_format=is_checkpoint_format)
+                                               is_checkpoint_format=is_checkpoint_format,
+                                               assume_same_model=assume_same_model)
 
     def sleep(self, level: int = 1) -> None:
         old = self._state
@@ -279,7 +283,7 @@ class ModelRunner:
         # Read back what the host needs only: the top entries exist when some row asked.
         wants = any(s.request.sampling_params.logprobs is not None for s in out.scheduled)
         host = jax.device_get((window.token_ids, window.logprobs, window.num_tokens)
-                              + ((window.top_ids, window.top_logprobs) if wants else ()))
+                              + ((window.ranks, window.top_ids, window.top_logprobs) if wants else ()))
         token_ids, logprobs, num_tokens = host[:3]
         results = {}
         for i, s in enumerate(out.scheduled):
@@ -287,7 +291,8 @@ class ModelRunner:
             fields: dict[str, Any] = dict(token_ids=tuple(token_ids[i, :n].tolist()),
                                           logprobs=tuple(logprobs[i, :n].tolist()))
             if s.request.sampling_params.logprobs is not None:
-                fields.update(top_ids=host[3][i, :n], top_logprobs=host[4][i, :n])
+                fields.update(ranks=tuple(host[3][i, :n].tolist()), top_ids=host[4][i, :n],
+                              top_logprobs=host[5][i, :n])
             results[s.request.request_id] = SequenceResult(**fields)
         return results
 
@@ -308,7 +313,8 @@ class ModelRunner:
             if s.samples:
                 fields.update(token_ids=(int(sampled.token_ids[i]),), logprobs=(float(sampled.logprobs[i]),))
                 if s.request.sampling_params.logprobs is not None:
-                    fields.update(top_ids=sampled.top_ids[i:i + 1], top_logprobs=sampled.top_logprobs[i:i + 1])
+                    fields.update(ranks=(int(sampled.ranks[i]),), top_ids=sampled.top_ids[i:i + 1],
+                                  top_logprobs=sampled.top_logprobs[i:i + 1])
             if prompt is not None and s.request.sampling_params.prompt_logprobs is not None:
                 rows_ = slice(offset, offset + s.num_tokens)
                 fields["prompt_logprobs"] = PromptLogprobs(*(a[rows_] for a in prompt))
@@ -317,7 +323,7 @@ class ModelRunner:
         return results
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: jax.Array,
-                         sizes: BucketSizes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                         sizes: BucketSizes) -> tuple[np.ndarray, ...] | None:
         """Per scheduled token: the log-probability of the *next* prompt token and the top
         entries there, for steps where some request still gathers prompt logprobs."""
         if not any(s.request.sampling_params.prompt_logprobs is not None and s.request.is_prefilling_prompt

@@ -47,6 +47,9 @@ class LayerParams:
     wk: Any  # [D, K*Dh]
     wv: Any  # [D, K*Dh]
     wo: Any  # [H*Dh, D]
+    bq: Any  # [H*Dh], None without attention_bias
+    bk: Any  # [K*Dh], None without attention_bias
+    bv: Any  # [K*Dh], None without attention_bias
     q_norm: Any  # [Dh], None without qk_norm
     k_norm: Any  # [Dh], None without qk_norm
     mlp_norm: Any  # [D]
@@ -87,6 +90,9 @@ def param_specs(cfg: ModelConfig) -> Params:
         wk=w((D, KDh), ("embed", "kv_heads")),
         wv=w((D, KDh), ("embed", "kv_heads")),
         wo=w((HDh, D), ("q_heads", "embed")),
+        bq=w((HDh,), ("q_heads",)) if cfg.attention_bias else None,
+        bk=w((KDh,), ("kv_heads",)) if cfg.attention_bias else None,
+        bv=w((KDh,), ("kv_heads",)) if cfg.attention_bias else None,
         q_norm=norm(cfg.head_dim, "head_dim") if cfg.qk_norm else None,
         k_norm=norm(cfg.head_dim, "head_dim") if cfg.qk_norm else None,
         mlp_norm=norm(D, "embed"),

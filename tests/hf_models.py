@@ -36,18 +36,27 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                    num_key_value_heads=8, head_dim=6)),
     "qwen3_heads8_gqa2": ("qwen3", dict(tie_word_embeddings=True, vocab_size=128, num_attention_heads=8,
                                         num_key_value_heads=4, head_dim=8)),
+    # Qwen2: q/k/v biases; its window is off (use_sliding_window false).
+    "qwen2_tied_gqa2": ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen2_untied_mqa": ("qwen2", dict(tie_word_embeddings=False, num_attention_heads=4,
+                                       num_key_value_heads=1, head_dim=10, use_sliding_window=False)),
+    # Mistral: Llama's maths; served when its window covers every position.
+    "mistral_gqa3": ("mistral", dict(tie_word_embeddings=False, num_attention_heads=6, num_key_value_heads=2,
+                                     head_dim=10, sliding_window=None)),
 }
+
+CLASSES = {"qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
 
 
 def build(kind: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
     """A random HF model of the given family; weights drawn with a larger std than HF's
     default so logits are spread out and greedy choices are not near-ties."""
-    family = "qwen3" if kind.startswith("qwen3") else "llama"
-    fields = {**BASE, **overrides}
-    config_cls = transformers.Qwen3Config if family == "qwen3" else transformers.LlamaConfig
-    config = config_cls(**fields)
+    config_cls, model_cls = CLASSES[kind.split("_")[0]]
+    config = config_cls(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model_cls = transformers.Qwen3ForCausalLM if family == "qwen3" else transformers.LlamaForCausalLM
     model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
