@@ -4,8 +4,12 @@ Cache layout of this backend, per layer: `k, v: [P, S, K, Dh]`, block-major, so 
 of all heads is one contiguous row of `S*K*Dh` values: reading a sequence's blocks is a
 row gather, the cheapest access XLA's CPU backend has (about 3x a per-head gather).
 
-Two readers share the layout:
-    flat_attention    any mix of prefills, prefill chunks and decodes (`Batch.key_block_*`)
+Readers of the layout:
+    flat_attention    any mix of prefills, prefill chunks and decodes (`Batch.key_block_*`):
+                      every token against every listed key, the plain definition the
+                      tiled reader is checked against
+    flash_attention   the same function tile by tile, each token against its own
+                      sequence's blocks only (`models.flash_attention`): general steps
     decode_attention  one query per sequence (`Batch.block_tables`, `Batch.seq_lens`)
 """
 
@@ -16,29 +20,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from models.flash_attention import flash_attention
+from models.kv_codec import MASKED, dequantise, quantise
 from state.batch import Batch
 from state.kv_cache import KVCache
-
-# float8_e4m3fn has no infinity: a cast turns anything beyond +-448 into NaN, so values are
-# clipped first, as CUDA's saturating conversion does.
-FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
-# A finite mask value keeps fully masked padding rows free of NaN.
-MASKED = float(jnp.finfo(jnp.float32).min)
-
-
-def quantise(x: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Values as stored in a cache of `dtype`: FP8 stores x / scale, saturated."""
-    if dtype == jnp.float8_e4m3fn:
-        return jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(dtype)
-    return x.astype(dtype)
-
-
-def dequantise(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """Stored values back to float32 (FP8: times the scale)."""
-    if x.dtype == jnp.float8_e4m3fn:
-        return x.astype(jnp.float32) * scale
-    return x.astype(jnp.float32)
-
 
 def write_kv(cache: KVCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
              k_scale: jax.Array, v_scale: jax.Array) -> KVCache:
@@ -117,4 +102,4 @@ def paged_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arr
     """The reader the batch was prepared for (its structure is static under jit)."""
     if batch.is_decode:
         return decode_attention(q, cache, batch, k_scale, v_scale)
-    return flat_attention(q, cache, batch, k_scale, v_scale)
+    return flash_attention(q, cache, batch, k_scale, v_scale, heads_first=False)

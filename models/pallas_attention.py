@@ -17,7 +17,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from models.attention import quantise
+from models.kv_codec import quantise
 from models.flash_attention import flash_attention
 from state.batch import Batch
 from state.kv_cache import KVCache

@@ -1,4 +1,5 @@
-"""The tiled general-batch attention of the pallas backend against the reference backend."""
+"""The tiled general-batch attention, over both backends' page layouts, against the plain
+`[T, N*S]` reader."""
 
 from __future__ import annotations
 
@@ -55,23 +56,25 @@ SPANS = [(0, 13), (9, 18), (0, 3), (30, 31)]
 
 
 def _compare(H: int, K: int, dtype: jnp.dtype, spans: list[tuple[int, int]], seed: int,
-             **tiles: int) -> tuple[np.ndarray, np.ndarray]:
+             heads_first: bool = True, **tiles: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     ref_cache, pal_cache = _caches(K, rng, dtype)
     batch = general_batch(spans, rng)
     T = batch.token_seq.shape[0]
     q = jnp.asarray(rng.standard_normal((T, H, Dh)), dtype)
     expected = attention.flat_attention(q, ref_cache, batch, ONE, ONE)
-    got = jax.jit(lambda q, c, b: flash_attention.flash_attention(q, c, b, ONE, ONE, **tiles))(
-        q, pal_cache, batch)
+    read = jax.jit(lambda q, c, b: flash_attention.flash_attention(
+        q, c, b, ONE, ONE, heads_first=heads_first, **tiles))
+    got = read(q, pal_cache if heads_first else ref_cache, batch)
     live = batch.token_seq >= 0
     return (np.asarray(got.astype(jnp.float32))[live], np.asarray(expected.astype(jnp.float32))[live])
 
 
 @pytest.mark.parametrize("H, K", [(4, 4), (6, 2), (8, 1)])
 @pytest.mark.parametrize("tiles", [{}, {"q_tile": 8, "key_tile_keys": 8}], ids=["default", "small"])
-def test_float32_matches_reference(H, K, tiles):
-    got, expected = _compare(H, K, jnp.float32, SPANS, seed=H + K, **tiles)
+@pytest.mark.parametrize("heads_first", [True, False], ids=["pallas-layout", "reference-layout"])
+def test_float32_matches_reference(H, K, tiles, heads_first):
+    got, expected = _compare(H, K, jnp.float32, SPANS, seed=H + K, heads_first=heads_first, **tiles)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -83,8 +86,10 @@ def test_bfloat16_matches_reference(H, K):
     np.testing.assert_allclose(got, expected, atol=2e-2, rtol=2e-2)
 
 
-def test_one_long_prompt_chunked_across_query_tiles():
-    got, expected = _compare(6, 3, jnp.float32, [(20, 64), (0, 5)], seed=3, q_tile=8, key_tile_keys=8)
+@pytest.mark.parametrize("heads_first", [True, False], ids=["pallas-layout", "reference-layout"])
+def test_one_long_prompt_chunked_across_query_tiles(heads_first):
+    got, expected = _compare(6, 3, jnp.float32, [(20, 64), (0, 5)], seed=3, heads_first=heads_first,
+                             q_tile=8, key_tile_keys=8)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
