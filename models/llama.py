@@ -1,4 +1,6 @@
-"""The llama-like decoder core shared by Llama and Qwen3 (Qwen3 adds q/k norm).
+"""The llama-like decoder core shared by every family: Llama, Mistral and Phi-3 as they
+are, Qwen2 with q/k/v biases, Qwen3 with q/k norm, Qwen3-MoE and Mixtral with experts
+(`models.moe`) in their sparse layers.
 
 Pure functions of (params, kv_cache, batch, cfg): no state, no I/O, no jit placement.
 `cfg` is static (hashable) and every array is an argument, so a weight swap never
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from models import attention, pallas_attention
+from models.moe import moe_mlp
 from models.rope import apply_rope, rope_tables
 from state.batch import Batch
 from state.config import ModelConfig
@@ -35,9 +38,9 @@ def _attention_block(layer: LayerParams, x: jax.Array, cache: KVCache, batch: Ba
     T = x.shape[0]
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-    q = (h @ layer.wq).reshape(T, H, Dh)
-    k = (h @ layer.wk).reshape(T, K, Dh)
-    v = (h @ layer.wv).reshape(T, K, Dh)
+    q = _project(h, layer.wq, layer.bq).reshape(T, H, Dh)
+    k = _project(h, layer.wk, layer.bk).reshape(T, K, Dh)
+    v = _project(h, layer.wv, layer.bv).reshape(T, K, Dh)
     if cfg.qk_norm:
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
@@ -48,8 +51,15 @@ def _attention_block(layer: LayerParams, x: jax.Array, cache: KVCache, batch: Ba
     return x + o.reshape(T, H * Dh) @ layer.wo, cache
 
 
+def _project(h: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    """`h @ w`, plus the bias of families that have one (Qwen2)."""
+    return h @ w if b is None else h @ w + b
+
+
 def _mlp_block(layer: LayerParams, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+    if layer.router is not None:  # a sparse layer
+        return x + moe_mlp(h, layer.router, layer.moe_gate, layer.moe_up, layer.moe_down, cfg.moe)
     return x + (jax.nn.silu(h @ layer.w_gate) * (h @ layer.w_up)) @ layer.w_down
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from models.checkpoint import checkpoint_name
+from models.checkpoint import export_tensors
 from runner.param_tree import CheckpointError, Tensor, assemble, validate_params
 from runner.tokenizer import Tokenizer
 from state.config import ModelConfig
@@ -107,14 +107,13 @@ def save_pretrained(folder: str | Path, params: Params, model_config: ModelConfi
     validate_params(params, model_config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
+    leaves: dict[str, np.ndarray] = {}
     for path, leaf in zip(leaf_paths(params), jax.tree.leaves(params)):
         array = np.asarray(jax.device_get(leaf))
         if path.endswith(("k_scale", "v_scale")) and float(array) == 1.0:
             continue
-        name, transpose = checkpoint_name(path)
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        leaves[path] = array
+    save_file(export_tensors(leaves, model_config), folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(model_config.to_hf_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)

@@ -69,7 +69,16 @@ def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool 
     _require(_is_int(value) and value > 0, record, name, f"expected a positive int, got {value!r}")
 
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+# Architecture -> HF `model_type`. Every family is the one llama-like core with flags:
+# q/k norm (Qwen3, Qwen3-MoE), q/k/v biases (Qwen2), experts (Qwen3-MoE, Mixtral), fused
+# checkpoint tensors (Phi-3, split at load time by models/checkpoint.py).
+MODEL_TYPES = {
+    "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral", "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral", "Phi3ForCausalLM": "phi3",
+}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
@@ -96,10 +105,35 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts MLP of the sparse layers (Qwen3-MoE, Mixtral)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    intermediate_size: int  # per expert
+    norm_topk_prob: bool  # renormalise the top-k routing weights to sum to 1 (Mixtral: always)
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (as transformers)
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "intermediate_size", "decoder_sparse_step"):
+            _check_positive_int("MoeConfig", name, getattr(self, name))
+        _require(self.num_experts_per_tok <= self.num_experts, "MoeConfig", "num_experts_per_tok",
+                 f"{self.num_experts_per_tok} exceeds num_experts ({self.num_experts})")
+        _require(isinstance(self.norm_topk_prob, bool), "MoeConfig", "norm_topk_prob",
+                 f"expected a bool, got {self.norm_topk_prob!r}")
+        _require(isinstance(self.mlp_only_layers, tuple) and all(_is_int(i) and i >= 0 for i in self.mlp_only_layers),
+                 "MoeConfig", "mlp_only_layers", f"expected a tuple of layer indices, got {self.mlp_only_layers!r}")
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a llama-like decoder. Hashable: the jitted step takes it as static."""
 
-    architecture: str = _f(Effect.RESTART, doc="Qwen3ForCausalLM or LlamaForCausalLM")
+    architecture: str = _f(Effect.RESTART, doc="one of SUPPORTED_ARCHITECTURES")
     vocab_size: int = _f(Effect.RESTART)
     hidden_size: int = _f(Effect.RESTART)
     intermediate_size: int = _f(Effect.RESTART)
@@ -112,6 +146,10 @@ class ModelConfig:
     rms_norm_eps: float = _f(Effect.RECOMPILE, 1e-6)
     rope_theta: float = _f(Effect.RECOMPILE, 10000.0)
     rope_scaling: RopeScaling | None = _f(Effect.RECOMPILE, None, "llama3 scaling or None")
+    attention_bias: bool = _f(Effect.RESTART, False, "q/k/v projections carry biases (Qwen2)")
+    sliding_window: int | None = _f(Effect.RECOMPILE, None,
+                                    "attention window; served only when None or >= max_model_len")
+    moe: MoeConfig | None = _f(Effect.RESTART, None, "experts of the sparse layers; None: dense")
     model: str | None = _f(Effect.RELOAD, None, "checkpoint folder (HF layout or orbax)")
     max_position_embeddings: int = _f(Effect.NONE, 4096)
     bos_token_id: int | None = _f(Effect.NONE, None)
@@ -140,6 +178,14 @@ class ModelConfig:
                  f"expected a positive finite number, got {self.rope_theta!r}")
         _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), name,
                  "rope_scaling", f"expected RopeScaling or None, got {self.rope_scaling!r}")
+        _require(isinstance(self.attention_bias, bool), name, "attention_bias",
+                 f"expected a bool, got {self.attention_bias!r}")
+        _check_positive_int(name, "sliding_window", self.sliding_window, allow_none=True)
+        _require(self.moe is None or isinstance(self.moe, MoeConfig), name, "moe",
+                 f"expected MoeConfig or None, got {self.moe!r}")
+        is_moe_arch = self.architecture in MOE_ARCHITECTURES
+        _require(is_moe_arch == (self.moe is not None), name, "moe",
+                 f"{self.architecture} needs moe {'set' if is_moe_arch else 'None'}, got {self.moe!r}")
         # An empty path would name the working directory: weights would be read from there.
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), name, "model",
                  f"expected a non-empty path string or None, got {self.model!r}")
@@ -154,7 +200,11 @@ class ModelConfig:
     @property
     def qk_norm(self) -> bool:
         """Qwen3 normalises each query and key head before RoPE; Llama does not."""
-        return self.architecture == "Qwen3ForCausalLM"
+        return self.architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is the mixture of experts."""
+        return self.moe is not None and self.moe.is_sparse(layer)
 
     def for_compile(self) -> ModelConfig:
         """This record with every field that cannot change compiled code reset.
@@ -217,6 +267,9 @@ class ModelConfig:
                 rms_norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
                 rope_theta=_hf_float(rope, "rope_theta", _hf_float(hf, "rope_theta", 10000.0)),
                 rope_scaling=_rope_scaling(rope),
+                attention_bias=hf.get("attention_bias", archs[0] == "Qwen2ForCausalLM"),
+                sliding_window=_sliding_window(hf),
+                moe=_moe(hf, archs[0]),
                 model=model,
                 max_position_embeddings=hf.get("max_position_embeddings", 4096),
                 bos_token_id=hf.get("bos_token_id"),
@@ -235,8 +288,9 @@ class ModelConfig:
                                        self.eos_token_ids[0] if len(self.eos_token_ids) == 1
                                        else list(self.eos_token_ids))
         return {
+            **_moe_hf_dict(self),
             "architectures": [self.architecture],
-            "model_type": "qwen3" if self.qk_norm else "llama",
+            "model_type": MODEL_TYPES[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -253,7 +307,9 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
             "initializer_range": self.initializer_range,
-            "attention_bias": False,
+            "attention_bias": self.attention_bias,
+            "sliding_window": self.sliding_window,
+            "use_sliding_window": self.sliding_window is not None,
             "dtype": self.dtype,
             "torch_dtype": self.dtype,  # the key transformers 4.x reads
         }
@@ -264,16 +320,63 @@ def _reject_unimplemented(hf: Mapping[str, Any]) -> None:
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
-    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
-        if hf.get(flag):
-            problems.append(f"{flag}=true")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias=true")
     layer_types = hf.get("layer_types") or []
+    # Sliding layers are served as full attention, which is exact only while the window
+    # covers max_model_len: RunnerConfig checks `sliding_window` against it.
     if not isinstance(layer_types, list):
         problems.append(f"layer_types={layer_types!r} (expected a list of 'full_attention')")
-    elif any(t != "full_attention" for t in layer_types):
+    elif any(t not in ("full_attention", "sliding_attention") for t in layer_types):
         problems.append(f"layer_types other than 'full_attention': {sorted(set(map(str, layer_types)))}")
+    if hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)) != 1.0:
+        problems.append("partial_rotary_factor other than 1.0")
+    if hf.get("router_jitter_noise"):
+        problems.append(f"router_jitter_noise={hf['router_jitter_noise']!r} (only 0)")
     if problems:
         raise ValueError("config.json uses features this runner does not implement: " + "; ".join(problems))
+
+
+def _sliding_window(hf: Mapping[str, Any]) -> int | None:
+    """The attention window the checkpoint uses, None for full attention.
+
+    Qwen2 and Qwen3 carry a `sliding_window` they use only with `use_sliding_window`;
+    Mistral, Mixtral and Phi-3 use theirs whenever it is set.
+    """
+    flag = hf.get("use_sliding_window")
+    if flag is False or (flag is None and "use_sliding_window" in hf):
+        return None
+    return hf.get("sliding_window")
+
+
+def _moe(hf: Mapping[str, Any], architecture: str) -> MoeConfig | None:
+    """Qwen3-MoE's and Mixtral's expert fields (transformers 5 writes `num_local_experts`
+    for both; Qwen3-MoE checkpoints of 4.x say `num_experts`)."""
+    if architecture not in MOE_ARCHITECTURES:
+        return None
+    is_mixtral = architecture == "MixtralForCausalLM"
+    return MoeConfig(
+        num_experts=hf.get("num_local_experts") or hf.get("num_experts"),
+        num_experts_per_tok=hf.get("num_experts_per_tok"),
+        intermediate_size=hf["intermediate_size"] if is_mixtral else hf.get("moe_intermediate_size"),
+        # Mixtral always renormalises the top-k weights.
+        norm_topk_prob=True if is_mixtral else hf.get("norm_topk_prob", False),
+        decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+    )
+
+
+def _moe_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The expert fields of `config.json` (none for dense families)."""
+    if cfg.moe is None:
+        return {}
+    m = cfg.moe
+    fields = {"num_local_experts": m.num_experts, "num_experts": m.num_experts,
+              "num_experts_per_tok": m.num_experts_per_tok}
+    if cfg.architecture == "MixtralForCausalLM":
+        return fields
+    return {**fields, "moe_intermediate_size": m.intermediate_size, "norm_topk_prob": m.norm_topk_prob,
+            "decoder_sparse_step": m.decoder_sparse_step, "mlp_only_layers": list(m.mlp_only_layers)}
 
 
 def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
@@ -281,6 +384,7 @@ def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
     if kind in (None, "default"):
         return None
     if kind != "llama3":
+        # Phi-3's longrope (alias su) rescales per frequency with two tables: not implemented.
         raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'default', 'llama3'")
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
                if rope.get(k) is None]
@@ -413,6 +517,10 @@ class RunnerConfig:
         max_len, max_pos = self.scheduler_config.max_model_len, self.model_config.max_position_embeddings
         _require(max_len <= max_pos, "SchedulerConfig", "max_model_len",
                  f"{max_len} exceeds the model's max_position_embeddings ({max_pos})")
+        window = self.model_config.sliding_window
+        _require(window is None or window >= max_len, "ModelConfig", "sliding_window",
+                 f"a sliding window of {window} tokens below max_model_len ({max_len}) is not implemented; "
+                 f"serve with max_model_len <= {window} (the window then covers every sequence)")
         heads, kv_heads = self.model_config.num_attention_heads, self.model_config.num_key_value_heads
         tp = self.parallel_config.tensor_parallel_size
         _require(heads % tp == 0, "ParallelConfig", "tensor_parallel_size",

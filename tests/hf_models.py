@@ -18,7 +18,21 @@ BASE: dict[str, Any] = dict(
     rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
 )
 
-# name -> (architecture, config overrides)
+# family -> (transformers config class, model class)
+FAMILIES: dict[str, tuple[Any, Any]] = {
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+}
+# Five experts, two per token; three layers so that dense and sparse layers mix.
+QWEN3_MOE = dict(num_hidden_layers=3, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=28)
+MIXTRAL = dict(num_local_experts=5, num_experts_per_tok=2, intermediate_size=28)
+
+# name -> (family, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_tied": ("qwen3", dict(tie_word_embeddings=True)),
     "qwen3_untied_gqa3": ("qwen3", dict(tie_word_embeddings=False, num_attention_heads=6,
@@ -36,18 +50,34 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                    num_key_value_heads=8, head_dim=6)),
     "qwen3_heads8_gqa2": ("qwen3", dict(tie_word_embeddings=True, vocab_size=128, num_attention_heads=8,
                                         num_key_value_heads=4, head_dim=8)),
+    "qwen2_gqa": ("qwen2", dict(tie_word_embeddings=False)),
+    "qwen2_mqa_tied": ("qwen2", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    "mistral_gqa": ("mistral", dict(tie_word_embeddings=False, sliding_window=None)),
+    # A window of 4096 covers every sequence the tests serve: full attention.
+    "mistral_mqa_window": ("mistral", dict(tie_word_embeddings=False, num_key_value_heads=1,
+                                           sliding_window=4096)),
+    "qwen3_moe_gqa": ("qwen3_moe", dict(QWEN3_MOE, tie_word_embeddings=False, mlp_only_layers=[1])),
+    "qwen3_moe_mqa_step2": ("qwen3_moe", dict(QWEN3_MOE, tie_word_embeddings=True, num_key_value_heads=1,
+                                              decoder_sparse_step=2, norm_topk_prob=True)),
+    "mixtral_gqa": ("mixtral", dict(MIXTRAL, tie_word_embeddings=False)),
+    "mixtral_mqa": ("mixtral", dict(MIXTRAL, tie_word_embeddings=False, num_key_value_heads=1)),
+    "phi3_gqa": ("phi3", dict(tie_word_embeddings=False, pad_token_id=0)),
+    "phi3_mqa": ("phi3", dict(tie_word_embeddings=False, num_key_value_heads=1, pad_token_id=0)),
+    # Eight experts, heads and a vocabulary of 128: tensor-parallel sizes 2 and 4 split experts.
+    "qwen3_moe_heads8": ("qwen3_moe", dict(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                                           moe_intermediate_size=20, tie_word_embeddings=True, vocab_size=128,
+                                           num_attention_heads=8, num_key_value_heads=4, head_dim=8)),
 }
+# The families added beside the core's first two (the parity tests of tests/models/test_families.py).
+FAMILY_VARIANTS = tuple(name for name, (family, _) in VARIANTS.items() if family not in ("qwen3", "llama"))
 
 
 def build(kind: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
     """A random HF model of the given family; weights drawn with a larger std than HF's
     default so logits are spread out and greedy choices are not near-ties."""
-    family = "qwen3" if kind.startswith("qwen3") else "llama"
-    fields = {**BASE, **overrides}
-    config_cls = transformers.Qwen3Config if family == "qwen3" else transformers.LlamaConfig
-    config = config_cls(**fields)
+    config_cls, model_cls = FAMILIES[kind]
+    config = config_cls(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model_cls = transformers.Qwen3ForCausalLM if family == "qwen3" else transformers.LlamaForCausalLM
     model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
