@@ -199,5 +199,7 @@ def export_tensors(leaves: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str,
             fused.setdefault(name, []).append(array)  # leaves come in tree order: q, k, v / gate, up
         else:
             out[name] = np.ascontiguousarray(array)
-    out.update({name: np.concatenate(parts, axis=0) for name, parts in fused.items()})
+    # ascontiguousarray: concatenating transposed views yields a column-major array, whose
+    # raw bytes safetensors would write as they lie.
+    out.update({name: np.ascontiguousarray(np.concatenate(parts, axis=0)) for name, parts in fused.items()})
     return out

@@ -4,7 +4,9 @@ Dense causal attention over `[B, L]` token batches, no KV cache: what a training
 wants. Its parameter names follow Flax conventions (`kernel`, `embedding`, `scale`); the
 bridge (`runner.bridge.params_from_flax`) maps them onto the runner's tree, so a model
 trained here is served without a disk round trip. The math is the serving core's:
-RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU MLP, optional q/k norm.
+RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU MLP, optional q/k norm,
+optional q/k/v biases, and the serving core's own mixture of experts (`models.moe`) in
+sparse layers.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models.moe import moe_mlp
 from models.rope import apply_rope, rope_tables
 from state.config import ModelConfig
 
 
-def _linear(n_in: int, n_out: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(n_in: int, n_out: int, cfg: ModelConfig, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
     init = nnx.initializers.normal(cfg.initializer_range)
-    return nnx.Linear(n_in, n_out, use_bias=False, kernel_init=init, param_dtype=jnp.dtype(cfg.dtype),
+    return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=init, param_dtype=jnp.dtype(cfg.dtype),
                       rngs=rngs)
 
 
@@ -32,9 +35,9 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
         D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = _linear(D, H * Dh, cfg, rngs)
-        self.k_proj = _linear(D, K * Dh, cfg, rngs)
-        self.v_proj = _linear(D, K * Dh, cfg, rngs)
+        self.q_proj = _linear(D, H * Dh, cfg, rngs, cfg.attention_bias)
+        self.k_proj = _linear(D, K * Dh, cfg, rngs, cfg.attention_bias)
+        self.v_proj = _linear(D, K * Dh, cfg, rngs, cfg.attention_bias)
         self.o_proj = _linear(H * Dh, D, cfg, rngs)
         self.q_norm = _norm(Dh, cfg, rngs) if cfg.qk_norm else None
         self.k_norm = _norm(Dh, cfg, rngs) if cfg.qk_norm else None
@@ -66,12 +69,31 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nnx.Module):
+class MoE(nnx.Module):
+    """Stacked experts `[E, ...]` and a router; the maths is the serving core's."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        D, E, Fe = cfg.hidden_size, cfg.moe.num_experts, cfg.moe.intermediate_size
+        init, dtype = nnx.initializers.normal(cfg.initializer_range), jnp.dtype(cfg.dtype)
+        self.moe = cfg.moe
+        self.router = _linear(D, E, cfg, rngs)
+        self.experts_gate = nnx.Param(init(rngs.params(), (E, D, Fe), dtype))
+        self.experts_up = nnx.Param(init(rngs.params(), (E, D, Fe), dtype))
+        self.experts_down = nnx.Param(init(rngs.params(), (E, Fe, D), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        flat = x.reshape(-1, x.shape[-1])  # [B*L, D]
+        out = moe_mlp(flat, self.router.kernel[...], self.experts_gate[...], self.experts_up[...],
+                      self.experts_down[...], self.moe)
+        return out.reshape(x.shape)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> None:
         self.input_layernorm = _norm(cfg.hidden_size, cfg, rngs)
         self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = _norm(cfg.hidden_size, cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if cfg.is_sparse(layer) else MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -86,7 +108,7 @@ class CausalLM(nnx.Module):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
                                       embedding_init=nnx.initializers.normal(cfg.initializer_range),
                                       param_dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = _norm(cfg.hidden_size, cfg, rngs)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
 

@@ -38,12 +38,19 @@ FLAX_NAME_MAP: dict[str, str] = {
     r"layers\.(\d+)\.self_attn\.k_proj\.kernel": "layers.{}.wk",
     r"layers\.(\d+)\.self_attn\.v_proj\.kernel": "layers.{}.wv",
     r"layers\.(\d+)\.self_attn\.o_proj\.kernel": "layers.{}.wo",
+    r"layers\.(\d+)\.self_attn\.q_proj\.bias": "layers.{}.bq",
+    r"layers\.(\d+)\.self_attn\.k_proj\.bias": "layers.{}.bk",
+    r"layers\.(\d+)\.self_attn\.v_proj\.bias": "layers.{}.bv",
     r"layers\.(\d+)\.self_attn\.q_norm\.scale": "layers.{}.q_norm",
     r"layers\.(\d+)\.self_attn\.k_norm\.scale": "layers.{}.k_norm",
     r"layers\.(\d+)\.post_attention_layernorm\.scale": "layers.{}.mlp_norm",
     r"layers\.(\d+)\.mlp\.gate_proj\.kernel": "layers.{}.w_gate",
     r"layers\.(\d+)\.mlp\.up_proj\.kernel": "layers.{}.w_up",
     r"layers\.(\d+)\.mlp\.down_proj\.kernel": "layers.{}.w_down",
+    r"layers\.(\d+)\.mlp\.router\.kernel": "layers.{}.router",
+    r"layers\.(\d+)\.mlp\.experts_gate": "layers.{}.moe_gate",
+    r"layers\.(\d+)\.mlp\.experts_up": "layers.{}.moe_up",
+    r"layers\.(\d+)\.mlp\.experts_down": "layers.{}.moe_down",
 }
 
 

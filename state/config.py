@@ -306,6 +306,7 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
+            "pad_token_id": None,  # Phi-3's config class would default it to 32000, past small vocabularies
             "initializer_range": self.initializer_range,
             "attention_bias": self.attention_bias,
             "sliding_window": self.sliding_window,

@@ -1,0 +1,219 @@
+"""The families beside Llama and Qwen3: batching, refusals, experts under tensor
+parallelism, the weight lifecycle on a MoE model, and the Hugging Face export.
+
+Logit and greedy parity with transformers for every family runs in test_hf_parity.py
+(its parametrisation covers every variant of tests/hf_models.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from runner import LLM, SamplingParams
+from runner.bridge import save_pretrained
+from runner.param_tree import CheckpointError
+from state.config import ModelConfig
+from tests.hf_models import FAMILY_VARIANTS
+from tests.runner.test_tensor_parallel import assert_same_outputs, run_worker
+
+LLM_ARGS = dict(num_kv_blocks=64, block_size=8, max_model_len=128)
+PROMPTS = [[5, 17, 42, 8, 91, 33, 60, 7, 12, 77, 3, 50, 29], [9, 9, 4], [31, 2, 64, 11, 5, 80, 1]]
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def leaves(llm: LLM) -> dict[str, np.ndarray]:
+    from state.params import leaf_paths
+
+    params = llm.runner.params
+    return {p: np.asarray(x) for p, x in zip(leaf_paths(params), jax.tree.leaves(params))}
+
+
+@pytest.mark.parametrize("name", FAMILY_VARIANTS)
+def test_a_batch_of_mixed_lengths_equals_each_prompt_alone(name, hf_checkpoint):
+    llm = LLM(str(hf_checkpoint(name)[0]), **LLM_ARGS)
+    together = tokens(llm, PROMPTS)
+    llm.reset_prefix_cache()
+    assert together == [tokens(llm, [p])[0] for p in PROMPTS]
+
+
+# -- what the families do not implement ------------------------------------------------------
+
+def write_config(folder, name: str, hf_checkpoint, **changes) -> str:
+    """A copy of a variant's folder with config.json fields changed."""
+    source = hf_checkpoint(name)[0]
+    folder.mkdir()
+    config = {**json.loads((source / "config.json").read_text()), **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    return str(folder)
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("qwen2_gqa", dict(use_sliding_window=True, sliding_window=32)),
+    ("mistral_gqa", dict(sliding_window=32)),
+])
+def test_a_window_below_max_model_len_is_refused_and_one_covering_it_served(tmp_path, hf_checkpoint, name, changes):
+    folder = write_config(tmp_path / "m", name, hf_checkpoint, **changes)
+    with pytest.raises(ValueError, match=r"sliding_window: a sliding window of 32 tokens below max_model_len "
+                                         r"\(128\) is not implemented; serve with max_model_len <= 32"):
+        LLM(folder, **LLM_ARGS)
+    # Within the window, sliding attention is full attention: the same tokens as without one.
+    short = dict(LLM_ARGS, max_model_len=32)
+    reference = tokens(LLM(str(hf_checkpoint(name)[0]), **short), PROMPTS)
+    assert tokens(LLM(folder, **short), PROMPTS) == reference
+
+
+def test_qwen2_without_use_sliding_window_ignores_its_window(tmp_path, hf_checkpoint):
+    folder = write_config(tmp_path / "m", "qwen2_gqa", hf_checkpoint, use_sliding_window=False, sliding_window=32)
+    assert LLM(folder, **LLM_ARGS).config.model_config.sliding_window is None
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0],
+                           "long_factor": [1.0]}), "unsupported rope scaling type 'longrope'"),
+    (dict(rope_scaling={"type": "su", "short_factor": [1.0], "long_factor": [1.0]}),
+     "unsupported rope scaling type 'su'"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor other than 1.0"),
+])
+def test_phi3_rope_variants_are_refused(tmp_path, hf_checkpoint, changes, message):
+    folder = write_config(tmp_path / "m", "phi3_gqa", hf_checkpoint, **changes)
+    config = {k: v for k, v in json.loads((tmp_path / "m" / "config.json").read_text()).items()
+              if not (k == "rope_parameters" and "rope_scaling" in changes)}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_pretrained(folder)
+
+
+def test_router_jitter_is_refused(tmp_path, hf_checkpoint):
+    folder = write_config(tmp_path / "m", "mixtral_gqa", hf_checkpoint, router_jitter_noise=0.1)
+    with pytest.raises(ValueError, match=r"router_jitter_noise=0.1 \(only 0\)"):
+        ModelConfig.from_pretrained(folder)
+
+
+# -- checkpoints of the wrong shape --------------------------------------------------------------
+
+def rewrite_tensors(tmp_path, name: str, hf_checkpoint, edit) -> str:
+    source = hf_checkpoint(name)[0]
+    folder = tmp_path / "m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    save_file(edit(load_file(source / "model.safetensors")), folder / "model.safetensors")
+    return str(folder)
+
+
+def test_a_missing_or_misshapen_expert_is_named(tmp_path, hf_checkpoint):
+    expert = "model.layers.0.mlp.experts.3.up_proj.weight"
+    folder = rewrite_tensors(tmp_path, "qwen3_moe_gqa", hf_checkpoint,
+                             lambda t: {k: v for k, v in t.items() if k != expert})
+    with pytest.raises(CheckpointError, match=r"checkpoint lacks experts \[3\] of 'layers.0.moe_up' \(it has 4 of 5"):
+        LLM(folder, **LLM_ARGS)
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.experts.3.up_proj.weight' has shape "
+                                              r"\(28, 39\); expected \(28, 40\)"):
+        LLM(rewrite_tensors(tmp_path / "b", "qwen3_moe_gqa", hf_checkpoint,
+                            lambda t: {**t, expert: t[expert][:, :39].copy()}), **LLM_ARGS)
+
+
+def test_a_dense_mlp_name_in_a_sparse_layer_is_refused(tmp_path, hf_checkpoint):
+    # Layer 1 of this variant is dense (mlp_only_layers), layer 0 sparse.
+    extra = "model.layers.0.mlp.gate_proj.weight"
+    folder = rewrite_tensors(tmp_path, "qwen3_moe_gqa", hf_checkpoint,
+                             lambda t: {**t, extra: t["model.layers.1.mlp.gate_proj.weight"]})
+    with pytest.raises(CheckpointError, match=f"unexpected tensor '{extra}'"):
+        LLM(folder, **LLM_ARGS)
+
+
+def test_a_fused_phi3_tensor_of_the_wrong_height_is_named(tmp_path, hf_checkpoint):
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    folder = rewrite_tensors(tmp_path, "phi3_gqa", hf_checkpoint, lambda t: {**t, name: t[name][:-1].copy()})
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' has shape \(95, 40\); expected \(96, 40\) "
+                                              r"\(the rows of layers.1.wq, layers.1.wk, layers.1.wv stacked\)"):
+        LLM(folder, **LLM_ARGS)
+    # Phi-3 has only the fused spelling: a separate q_proj is not one of its tensors.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    with pytest.raises(CheckpointError, match=f"unexpected tensor '{q}'"):
+        LLM(rewrite_tensors(tmp_path / "b", "phi3_gqa", hf_checkpoint, lambda t: {**t, q: np.zeros((48, 40), np.float32)}),
+            **LLM_ARGS)
+
+
+# -- experts under tensor parallelism -------------------------------------------------------------
+
+def test_moe_tensor_parallel_outputs_match_one_device(hf_checkpoint, tmp_path):
+    folder = str(hf_checkpoint("qwen3_moe_heads8")[0])
+    runs = [{"name": "moe", "folder": folder, "tp": tp} for tp in (1, 2, 4)]
+    out = {r["tp"]: r for r in run_worker("parity", {"runs": runs}, tmp_path, devices=4, timeout=300)["runs"]}
+    for tp in (2, 4):
+        assert_same_outputs(out[tp]["outputs"], out[1]["outputs"], f"qwen3_moe tp={tp}")
+        specs = out[tp]["param_specs"]
+        # Eight experts split 2 and 4 ways; the router is replicated.
+        assert {specs[f"layers.{i}.{leaf}"][0] for i in (0, 1) for leaf in ("moe_gate", "moe_up", "moe_down")} == {"model"}
+        assert specs["layers.0.router"] == []
+        assert out[tp]["compiles_after_warmup"] == 0 and out[tp]["placed_as_recorded"]
+
+
+# -- the weight lifecycle on a MoE model ------------------------------------------------------------
+
+def test_moe_dummy_then_reload_equals_a_fresh_load_and_survives_sleep(hf_checkpoint):
+    folder = str(hf_checkpoint("mixtral_gqa")[0])
+    fresh = LLM(folder, **LLM_ARGS)
+    expected = tokens(fresh, PROMPTS)
+    llm = LLM(folder, load_format="dummy", **LLM_ARGS)
+    assert not np.array_equal(leaves(llm)["layers.0.moe_gate"], leaves(fresh)["layers.0.moe_gate"])
+    llm.update_config({"load_config": {"load_format": "auto"}})
+    llm.reload_weights()
+    real = leaves(fresh)
+    for path, array in leaves(llm).items():
+        np.testing.assert_array_equal(array, real[path], err_msg=path)
+    assert tokens(llm, PROMPTS) == expected
+    llm.sleep(level=2)
+    llm.wake_up(["weights"])
+    llm.reload_weights()
+    llm.wake_up(["kv_cache"])
+    assert tokens(llm, PROMPTS) == expected
+
+
+# -- export to Hugging Face ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_moe_gqa", "mixtral_gqa", "phi3_gqa"])
+def test_export_round_trip_loads_in_transformers_with_the_same_logits(name, hf_checkpoint, tmp_path):
+    source, hf = hf_checkpoint(name)
+    llm = LLM(str(source), **LLM_ARGS)
+    out = save_pretrained(tmp_path / "export", llm.runner.params, llm.config.model_config)
+    assert sorted(load_file(out / "model.safetensors")) == sorted(load_file(source / "model.safetensors"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        np.testing.assert_allclose(exported(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-5)
+    assert tokens(LLM(str(out), **LLM_ARGS), PROMPTS) == tokens(llm, PROMPTS)
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_moe_gqa", "mixtral_gqa"])
+def test_flax_training_model_exports_to_transformers_with_its_logits(name, hf_checkpoint, tmp_path):
+    from flax import nnx
+
+    from models.flax_llama import CausalLM
+    from runner.bridge import params_from_flax
+
+    cfg = ModelConfig.from_pretrained(hf_checkpoint(name)[0])
+    model = CausalLM(cfg, nnx.Rngs(0))
+    # Random values everywhere (biases start at zero): every leaf's route to the export counts.
+    state = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
+    nnx.update(model, jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), state))
+    out = save_pretrained(tmp_path / "export", params_from_flax(model, cfg), cfg)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = np.array([PROMPTS[0]])
+    with torch.no_grad():
+        ref = exported(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=1e-4)
