@@ -45,18 +45,19 @@ BIASES: tuple[Entry, ...] = (
     (_L + r"self_attn\.k_proj\.bias", "layers.{}.bk", False),
     (_L + r"self_attn\.v_proj\.bias", "layers.{}.bv", False),
 )
-QWEN3_MOE: tuple[Entry, ...] = (
-    (_L + r"mlp\.gate\.weight", "layers.{}.router", True),
-    (_L + r"mlp\.experts\.(\d+)\.gate_proj\.weight", "layers.{}.moe_gate", True),
-    (_L + r"mlp\.experts\.(\d+)\.up_proj\.weight", "layers.{}.moe_up", True),
-    (_L + r"mlp\.experts\.(\d+)\.down_proj\.weight", "layers.{}.moe_down", True),
-)
-MIXTRAL: tuple[Entry, ...] = (
-    (_L + r"block_sparse_moe\.gate\.weight", "layers.{}.router", True),
-    (_L + r"block_sparse_moe\.experts\.(\d+)\.w1\.weight", "layers.{}.moe_gate", True),
-    (_L + r"block_sparse_moe\.experts\.(\d+)\.w3\.weight", "layers.{}.moe_up", True),
-    (_L + r"block_sparse_moe\.experts\.(\d+)\.w2\.weight", "layers.{}.moe_down", True),
-)
+
+
+def _experts(block: str, gate: str, up: str, down: str) -> tuple[Entry, ...]:
+    """The router and per-expert entries of a MoE family (its block and projection names)."""
+    expert = _L + block + r"\.experts\.(\d+)\."
+    return ((_L + block + r"\.gate\.weight", "layers.{}.router", True),
+            (expert + gate + r"\.weight", "layers.{}.moe_gate", True),
+            (expert + up + r"\.weight", "layers.{}.moe_up", True),
+            (expert + down + r"\.weight", "layers.{}.moe_down", True))
+
+
+QWEN3_MOE = _experts("mlp", "gate_proj", "up_proj", "down_proj")
+MIXTRAL = _experts("block_sparse_moe", "w1", "w3", "w2")
 # Phi-3's fused tensors: name -> the leaves its rows hold, in order.
 PHI3_FUSED: dict[str, tuple[str, ...]] = {
     _L + r"self_attn\.qkv_proj\.weight": ("wq", "wk", "wv"),
