@@ -267,7 +267,8 @@ class ModelConfig:
                 rms_norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
                 rope_theta=_hf_float(rope, "rope_theta", _hf_float(hf, "rope_theta", 10000.0)),
                 rope_scaling=_rope_scaling(rope),
-                attention_bias=hf.get("attention_bias", archs[0] == "Qwen2ForCausalLM"),
+                # Qwen2's config has no such field: its q/k/v projections always carry biases.
+                attention_bias=_default(hf.get("attention_bias"), archs[0] == "Qwen2ForCausalLM"),
                 sliding_window=_sliding_window(hf),
                 moe=_moe(hf, archs[0]),
                 model=model,
@@ -330,12 +331,19 @@ def _reject_unimplemented(hf: Mapping[str, Any]) -> None:
         problems.append(f"layer_types={layer_types!r} (expected a list of 'full_attention')")
     elif any(t not in ("full_attention", "sliding_attention") for t in layer_types):
         problems.append(f"layer_types other than 'full_attention': {sorted(set(map(str, layer_types)))}")
-    if hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)) != 1.0:
+    rope = hf.get("rope_parameters")
+    rope_fraction = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
+    if _default(hf.get("partial_rotary_factor"), _default(rope_fraction, 1.0)) != 1.0:
         problems.append("partial_rotary_factor other than 1.0")
     if hf.get("router_jitter_noise"):
         problems.append(f"router_jitter_noise={hf['router_jitter_noise']!r} (only 0)")
     if problems:
         raise ValueError("config.json uses features this runner does not implement: " + "; ".join(problems))
+
+
+def _default(value: Any, default: Any) -> Any:
+    """`value`, or `default` where config.json leaves it out or writes null."""
+    return default if value is None else value
 
 
 def _sliding_window(hf: Mapping[str, Any]) -> int | None:
