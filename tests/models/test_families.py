@@ -217,3 +217,17 @@ def test_flax_training_model_exports_to_transformers_with_its_logits(name, hf_ch
     with torch.no_grad():
         ref = exported(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=1e-4)
+
+
+def test_expert_fields_are_validated():
+    from state.config import MoeConfig
+
+    with pytest.raises(ValueError, match=r"MoeConfig.num_experts_per_tok: 3 exceeds num_experts \(2\)"):
+        MoeConfig(num_experts=2, num_experts_per_tok=3, intermediate_size=8, norm_topk_prob=False)
+    fields = dict(vocab_size=32, hidden_size=8, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=4)
+    with pytest.raises(ValueError, match=r"ModelConfig.moe: MixtralForCausalLM needs moe set, got None"):
+        ModelConfig(architecture="MixtralForCausalLM", **fields)
+    moe = MoeConfig(num_experts=4, num_experts_per_tok=2, intermediate_size=8, norm_topk_prob=False,
+                    decoder_sparse_step=2, mlp_only_layers=(3,))
+    assert [moe.is_sparse(i) for i in range(6)] == [False, True, False, False, False, True]
