@@ -27,13 +27,18 @@ CPU processes need to talk to each other.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import pickle
+import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+
+from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig,
+                          SchedulerConfig, parse_json)
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
@@ -70,20 +75,114 @@ def is_multiprocess() -> bool:
 def allgather_objects(obj: Any) -> list[Any]:
     """`obj` of every process, in process order; every process must call it.
 
-    Objects travel pickled through `multihost_utils.process_allgather` (first the sizes,
-    then the bytes, padded to the longest): meant for the small results of lifecycle calls
-    among the processes of one job, which trust each other.
+    Values travel as JSON through `multihost_utils.process_allgather` (first the sizes,
+    then the bytes, padded to the longest), so what a peer sends is only ever parsed as
+    data, never run. `obj` may be built of None, bools, ints, finite floats, strings,
+    lists, tuples, dicts with str or int keys, and the config records of `state.config`;
+    tuples and records come back as what they were.
+
+    Raises:
+        ValueError: `obj` holds anything else (in every process: a process whose value
+            cannot be sent still takes part in the exchange, so none is left waiting), or
+            a peer sent bytes that are not such a value.
     """
+    try:
+        message = ["value", _to_json(obj)]
+    except RecursionError:
+        message = ["refused", "allgather_objects: the value nests too deeply to send"]
+    except ValueError as e:
+        message = ["refused", str(e)]
+    if message[0] == "refused" and not is_multiprocess():
+        raise ValueError(message[1])
     if not is_multiprocess():
         return [obj]
+    gathered = [_parse_message(i, raw) for i, raw in enumerate(_allgather_bytes(_dump(message)))]
+    refused = [(i, m[1]) for i, m in enumerate(gathered) if m[0] == "refused"]
+    if refused:
+        raise ValueError(f"allgather_objects: process {refused[0][0]} cannot send its value: {refused[0][1]}")
+    return [_from_json(m[1]) for m in gathered]
+
+
+def _allgather_bytes(data: bytes) -> list[bytes]:
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(pickle.dumps(obj), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
+    padded[:len(data)] = np.frombuffer(data, np.uint8)
     gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [pickle.loads(gathered[i, :n].tobytes()) for i, n in enumerate(sizes)]
+    return [gathered[i, :n].tobytes() for i, n in enumerate(sizes)]
+
+
+def _dump(message: list[Any]) -> bytes:
+    return json.dumps(message, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _parse_message(process: int, raw: bytes) -> list[Any]:
+    try:
+        message = parse_json(raw)
+    except ValueError as e:
+        raise ValueError(f"allgather_objects: process {process} sent bytes that are not JSON: {e}") from None
+    if not (isinstance(message, list) and len(message) == 2 and message[0] in ("value", "refused")):
+        raise ValueError(f"allgather_objects: process {process} sent {str(message)[:200]}, which is not "
+                         "a message of this exchange")
+    return message
+
+
+# A record travels as its class name and fields and is rebuilt through its constructor,
+# which validates it again; no other class is ever instantiated.
+_RECORDS = {cls.__name__: cls for cls in (RunnerConfig, ModelConfig, RopeScaling, LoadConfig, CacheConfig,
+                                          SchedulerConfig, ParallelConfig)}
+_RECORD_NAMES = {cls: name for name, cls in _RECORDS.items()}
+
+
+def _to_json(value: Any) -> Any:
+    """`value` as JSON data: scalars as themselves, everything else tagged with its kind.
+
+    Types are matched exactly: a subclass (an enum, a namedtuple) would come back as its
+    base type, so it is refused instead.
+    """
+    kind = type(value)
+    if value is None or kind in (bool, int, str):
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"allgather_objects: {value} is not a finite float; only JSON values travel")
+        return value
+    if kind in (list, tuple):
+        return {kind.__name__: [_to_json(v) for v in value]}
+    if kind is dict:
+        bad = [k for k in value if type(k) not in (str, int)]
+        if bad:
+            raise ValueError(f"allgather_objects: dict key {bad[0]!r} is not a str or int")
+        return {"dict": [[k, _to_json(v)] for k, v in value.items()]}
+    if kind in _RECORD_NAMES:
+        return {"record": [_RECORD_NAMES[kind], {f.name: _to_json(getattr(value, f.name))
+                                                 for f in dataclasses.fields(value)}]}
+    raise ValueError(f"allgather_objects: cannot send a {type(value).__name__}; expected None, bool, int, "
+                     f"float, str, list, tuple, dict or a state.config record")
+
+
+def _from_json(data: Any) -> Any:
+    """The value `_to_json` encoded; ValueError for anything it cannot have produced."""
+    if data is None or isinstance(data, (bool, int, float, str)):
+        return data
+    if not (isinstance(data, dict) and len(data) == 1):
+        raise ValueError(f"allgather_objects: a peer sent {str(data)[:200]}, which is not an encoded value")
+    (kind, body), = data.items()
+    if kind in ("list", "tuple") and isinstance(body, list):
+        items = [_from_json(v) for v in body]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict" and isinstance(body, list) and all(
+            isinstance(p, list) and len(p) == 2 and type(p[0]) in (str, int) for p in body):
+        return {k: _from_json(v) for k, v in body}
+    if kind == "record" and isinstance(body, list) and len(body) == 2 and body[0] in _RECORDS \
+            and isinstance(body[1], dict):
+        cls = _RECORDS[body[0]]
+        try:
+            return cls(**{k: _from_json(v) for k, v in body[1].items()})
+        except TypeError as e:  # unknown or missing fields
+            raise ValueError(f"allgather_objects: a peer sent a {body[0]} that does not fit it: {e}") from None
+    raise ValueError(f"allgather_objects: a peer sent {str(data)[:200]}, which is not an encoded value")
 
 
 def _default_platform() -> str:

@@ -13,17 +13,21 @@ pairs each lifecycle call with what it means for the cached prefixes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
+
+from runner.detokenizer import IncrementalDetokenizer, find_stop
+from runner.logprobs import position_logprobs
 from runner.model_runner import ModelRunner, SequenceResult
-from runner.outputs import top_logprobs
 from runner.sampling_params import SamplingParams
 from runner.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from runner.tokenizer import Tokenizer
 from state.config import Effect, RunnerConfig, changed_fields
+from state.config import update_config as merge_config
 from state.request import Request
 
 
@@ -45,8 +49,11 @@ class Engine:
         requests = []
         for i in range(params.n):
             seed = (params.seed + i) % 2**32 if params.seed is not None else int(self._rng.integers(2**32))
+            detok = (None if self.tokenizer is None
+                     else IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
             requests.append(Request(request_id=str(self._next_id), prompt_token_ids=list(prompt_token_ids),
-                                    sampling_params=params, seed=seed, eos_token_ids=eos))
+                                    sampling_params=params, seed=seed, eos_token_ids=eos,
+                                    detokenizer=detok, arrival_time=time.time()))
             self._next_id += 1
         return requests
 
@@ -71,14 +78,20 @@ class Engine:
 
     # -- lifecycle: prefixes computed under the old state are dropped first ---------------
 
+    @property
+    def model_runner(self) -> ModelRunner:
+        """vLLM's name for a worker's runner (`collective_rpc` callables receive the engine)."""
+        return self.runner
+
     def update_config(self, overrides: dict[str, Any]) -> RunnerConfig:
-        old = self.runner.config
+        # KV computed under other RoPE or norm settings would be reused silently: found out
+        # on the merged record (pure), dropped before the swap.
+        if isinstance(overrides, dict) and any(
+                effect is Effect.RECOMPILE and name.startswith("model_config.")
+                for name, effect in changed_fields(self.runner.config, merge_config(self.runner.config, overrides))):
+            self.scheduler.reset_prefix_cache()
         new = self.runner.update_config(overrides)
         self.scheduler.config = new
-        # KV computed under other RoPE or norm settings would be reused silently.
-        if any(effect is Effect.RECOMPILE and name.startswith("model_config.")
-               for name, effect in changed_fields(old, new)):
-            self.scheduler.reset_prefix_cache()
         return new
 
     def reload_weights(self, **source: Any) -> None:
@@ -98,48 +111,73 @@ def update(scheduler: Scheduler, out: SchedulerOutput, results: dict[str, Sequen
            tokenizer: Tokenizer | None = None) -> list[Request]:
     """Write one step's results into its requests; returns those that finished.
 
-    A request that reached its length limit is checked for stop strings too: a stop
-    string its last token completes still wins (finish_reason "stop", string cut from the
-    text), as in vLLM. One stopped by EOS or a stop token id is not: that token's text is
-    never part of the output.
+    A token that ends the request by id (EOS, a stop token id) adds no text unless
+    `include_stop_str_in_output`. Stop strings are searched in the text the token added,
+    once more than `min_tokens` tokens exist (as vLLM does); one completed by a request's
+    last allowed token still wins (finish_reason "stop", the text cut at the string).
     """
     finished = []
+    now = time.time()
     for s in out.scheduled:
         request, result = s.request, results[s.request.request_id]
         scheduler.advance(s)
         if result.prompt_logprobs is not None:
-            _record_prompt_logprobs(s, result)
+            _record_prompt_logprobs(s, result, tokenizer)
         if not s.samples:
             continue
-        _record_sample(request, result)
+        _record_sample(request, result, tokenizer)
+        request.first_token_time = request.first_token_time or now
         reason = _token_stop(request, result.token_id, scheduler.max_model_len)
-        if (reason is None or reason[0] == "length") and request.sampling_params.stop_strings:
-            hit = _stop_string(request, tokenizer)
-            reason = ("stop", hit) if hit is not None else reason
+        hit = _add_text(request, result.token_id, by_id=reason is not None and reason[0] == "stop")
+        reason = ("stop", hit) if hit is not None else reason
         if reason is not None:
             scheduler.finish(request, *reason)
+            request.finished_time = now
             finished.append(request)
     return finished
 
 
-def _record_sample(request: Request, result: SequenceResult) -> None:
+def _add_text(request: Request, token: int, by_id: bool) -> str | None:
+    """Detokenize the new token; the stop string it completes, if any (the text is cut)."""
+    params, detok = request.sampling_params, request.detokenizer
+    if detok is None or (by_id and not params.include_stop_str_in_output):
+        return None
+    grown = detok.push([token])
+    if by_id or len(request.output_token_ids) <= params.min_tokens:
+        return None
+    hit = find_stop(detok.text, grown, params.stop_strings)
+    if hit is None:
+        return None
+    stop, at = hit
+    detok.truncate(at + len(stop) if params.include_stop_str_in_output else at)
+    return stop
+
+
+def _decoder(tokenizer: Tokenizer | None) -> Callable[[int], str] | None:
+    """Each logprob entry's text, as vLLM gives it: the token alone, special tokens shown."""
+    return None if tokenizer is None else (lambda t: tokenizer.decode([t], skip_special_tokens=False))
+
+
+def _record_sample(request: Request, result: SequenceResult, tokenizer: Tokenizer | None) -> None:
     request.output_token_ids.append(result.token_id)
     request.cumulative_logprob += result.logprob
     k = request.sampling_params.logprobs
     if k is not None:
-        request.output_logprobs.append(
-            top_logprobs(result.top_ids, result.top_logprobs, k, result.token_id, result.logprob))
+        request.output_logprobs.append(position_logprobs(
+            result.token_id, result.logprob, result.rank, result.top_ids, result.top_logprobs, k,
+            _decoder(tokenizer)))
 
 
-def _record_prompt_logprobs(s: ScheduledRequest, result: SequenceResult) -> None:
+def _record_prompt_logprobs(s: ScheduledRequest, result: SequenceResult, tokenizer: Tokenizer | None) -> None:
     """Row j of the chunk is computed at position start + j and belongs to the prompt's next
     position; a recomputation after preemption revisits positions already recorded."""
     request, plp = s.request, result.prompt_logprobs
     prompt, k = request.prompt_token_ids, request.sampling_params.prompt_logprobs
     for j, pos in enumerate(range(s.start, s.end)):
         if pos == len(request.prompt_logprobs) and pos + 1 < len(prompt):
-            request.prompt_logprobs.append(top_logprobs(
-                plp.top_ids[j], plp.top_logprobs[j], k, prompt[pos + 1], float(plp.next_logprobs[j])))
+            request.prompt_logprobs.append(position_logprobs(
+                prompt[pos + 1], float(plp.next_logprobs[j]), int(plp.ranks[j]), plp.top_ids[j],
+                plp.top_logprobs[j], k, _decoder(tokenizer)))
 
 
 def _token_stop(request: Request, token: int, max_model_len: int) -> tuple[str, int | None] | None:
@@ -154,12 +192,3 @@ def _token_stop(request: Request, token: int, max_model_len: int) -> tuple[str, 
     if num_out >= params.max_tokens or request.num_tokens >= max_model_len:
         return "length", None
     return None
-
-
-def _stop_string(request: Request, tokenizer: Tokenizer) -> str | None:
-    """The stop string occurring earliest in the request's text, if any."""
-    params = request.sampling_params
-    text = tokenizer.decode(request.output_token_ids, skip_special_tokens=params.skip_special_tokens)
-    found = [(text.find(s), s) for s in params.stop_strings if s in text]
-    return min(found)[1] if found else None
-

@@ -1,21 +1,93 @@
 """What a `generate` call may be given, checked before any request exists.
 
-Prompts become token ids here, sampling settings become one `SamplingParams` per prompt,
-and each (ids, settings) pair is checked against the model (vocabulary, max_model_len)
-and the KV pool. A bad prompt or setting fails the whole call with nothing run.
+Prompts come as vLLM takes them (a string, a `TextPrompt` or a `TokensPrompt` dict) and
+become token ids here; sampling settings become one validated `SamplingParams` per
+prompt; and each (ids, settings) pair is checked against the model (vocabulary,
+max_model_len) and the KV pool. A bad prompt or setting fails the whole call with
+nothing run.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
-
-import numpy as np
+from typing import Any, TypedDict
 
 from runner.sampling_params import SamplingParams
 from runner.scheduler import Scheduler
 from runner.tokenizer import Tokenizer
 from state.config import RunnerConfig
+
+class _MediaFields(TypedDict, total=False):
+    """Optional vLLM keys for multimodal models; refused here (the models take text only)."""
+
+    multi_modal_data: Any
+    mm_processor_kwargs: Any
+
+
+class TextPrompt(_MediaFields):
+    """A prompt given as text, tokenized by the engine."""
+
+    prompt: str
+
+
+class _TokensPromptText(_MediaFields, total=False):
+    prompt: str
+
+
+class TokensPrompt(_TokensPromptText):
+    """A prompt given as token ids; `prompt` may carry its text for the output record."""
+
+    prompt_token_ids: list[int]
+
+
+_KNOWN_KEYS = frozenset({"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"})
+_MEDIA_KEYS = ("multi_modal_data", "mm_processor_kwargs")
+
+
+def _token_ids(index: int, ids: Any) -> list[int]:
+    """Token ids as Python ints: a list or tuple (or 1-D numpy array) of ints (their range is
+    checked against the vocabulary by `encode_prompt`)."""
+    if hasattr(ids, "tolist") and getattr(ids, "ndim", 1) == 1:
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"prompt {index}: prompt_token_ids: expected a list of ints, got {type(ids).__name__}")
+    out = []
+    for j, t in enumerate(ids):
+        try:
+            if isinstance(t, bool) or hasattr(t, "dtype") and t.dtype == bool:
+                raise TypeError
+            value = operator.index(t)  # ints and numpy integers, not floats
+        except TypeError:
+            raise ValueError(f"prompt {index}: prompt_token_ids[{j}]: expected an int token id, got {t!r}") from None
+        out.append(value)
+    return out
+
+
+def parse_prompt(index: int, prompt: Any) -> tuple[str | None, list[int] | None]:
+    """(text, token ids) of one prompt: text only for a string or {"prompt": text}, ids for
+    {"prompt_token_ids": ids} (with the text too when the dict also has "prompt"). Media and
+    unknown keys are refused, naming the prompt's index and the key."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if not isinstance(prompt, dict):
+        raise ValueError(f"prompt {index}: expected a str, {{'prompt': str}} or {{'prompt_token_ids': [int]}}, "
+                         f"got {type(prompt).__name__}")
+    unknown = sorted(set(prompt) - _KNOWN_KEYS, key=str)
+    if unknown:
+        raise ValueError(f"prompt {index}: unknown key {unknown[0]!r}; expected 'prompt' or 'prompt_token_ids'")
+    for key in _MEDIA_KEYS:
+        if prompt.get(key) is not None:
+            raise ValueError(f"prompt {index}: {key!r} is not supported: this model takes text only")
+    text = prompt.get("prompt")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"prompt {index}: 'prompt': expected a str, got {type(text).__name__}")
+    if "prompt_token_ids" in prompt:
+        return text, _token_ids(index, prompt["prompt_token_ids"])
+    if text is None:
+        raise ValueError(f"prompt {index}: expected a 'prompt' or 'prompt_token_ids' key, got {sorted(prompt)}")
+    return text, None
+
 
 Prompt = str | dict[str, Any]
 
@@ -49,22 +121,18 @@ def sampling_list(sampling_params: Any, n: int) -> list[SamplingParams]:
 
 
 def encode_prompt(index: int, prompt: Prompt, tokenizer: Tokenizer | None,
-                  config: RunnerConfig) -> list[int]:
-    """Token ids of one prompt, checked against the vocabulary and max_model_len."""
-    if isinstance(prompt, str):
+                  config: RunnerConfig) -> tuple[str | None, list[int]]:
+    """(text, token ids) of one prompt, the ids checked against the vocabulary and
+    max_model_len."""
+    text, ids = parse_prompt(index, prompt)
+    if ids is None:
         if tokenizer is None:
             raise ValueError(f"prompt {index} is text but the model has no tokenizer.json; "
                              "pass {'prompt_token_ids': [...]} instead")
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"}:
-        ids = prompt["prompt_token_ids"]
-        if not isinstance(ids, (list, tuple)) or not all(
-                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
-            raise ValueError(f"prompt {index}: prompt_token_ids must be a list of ints")
-        ids = [int(t) for t in ids]
-    else:
-        raise ValueError(f"prompt {index}: expected a string or a dict with only "
-                         f"'prompt_token_ids', got {type(prompt).__name__}")
+        try:
+            ids = tokenizer.encode(text)
+        except ValueError as e:
+            raise ValueError(f"prompt {index}: {e}") from None
     if not ids:
         raise ValueError(f"prompt {index} is empty: at least one token is needed")
     vocab = config.model_config.vocab_size
@@ -75,13 +143,24 @@ def encode_prompt(index: int, prompt: Prompt, tokenizer: Tokenizer | None,
     if len(ids) >= max_len:
         raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len={max_len} "
                          "leaves no room for a generated token")
-    return ids
+    return text, ids
 
 
 def check_request(index: int, ids: list[int], params: SamplingParams, config: RunnerConfig,
-                  scheduler: Scheduler, tokenizer: Tokenizer | None) -> None:
-    """What SamplingParams cannot check alone: token ids against this vocabulary, stop
-    strings against the tokenizer, and the request's KV against the whole pool."""
+                  scheduler: Scheduler, tokenizer: Tokenizer | None, max_logprobs: int) -> SamplingParams:
+    """The engine's own copy of `params`, validated again (the caller may have changed
+    them since they were built, and later changes must not reach the request), with
+    `max_tokens=None` resolved; plus what SamplingParams cannot check alone: token ids
+    against this vocabulary, stop strings against the tokenizer, logprobs against
+    `max_logprobs`, and the request's KV against the whole pool."""
+    try:
+        params = params.validated(config.scheduler_config.max_model_len, len(ids))
+    except ValueError as e:
+        raise ValueError(f"prompt {index}: {e}") from None
+    for name in ("logprobs", "prompt_logprobs"):
+        if (getattr(params, name) or 0) > max_logprobs:
+            raise ValueError(f"prompt {index}: SamplingParams.{name}={getattr(params, name)} exceeds "
+                             f"max_logprobs={max_logprobs} (raise it when building the LLM)")
     vocab = config.model_config.vocab_size
     for name, tokens in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or ())):
         bad = [t for t in tokens if not 0 <= t < vocab]
@@ -93,3 +172,4 @@ def check_request(index: int, ids: list[int], params: SamplingParams, config: Ru
         scheduler.check_fits(len(ids), params.max_tokens)
     except ValueError as e:
         raise ValueError(f"prompt {index}: {e}") from None
+    return params

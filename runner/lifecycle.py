@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,14 +108,17 @@ def update_config(state: RunnerState, overrides: dict[str, Any]) -> RunnerState:
 
 def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None,
                    weights_iterator: Iterable[tuple[str, Any]] | Mapping[str, Any] | None = None,
-                   params: Params | None = None, is_checkpoint_format: bool = True) -> RunnerState:
+                   params: Params | None = None, is_checkpoint_format: bool = True,
+                   assume_same_model: bool = False) -> RunnerState:
     """A record serving new weights; the old record is untouched if anything fails.
 
     Sources (at most one): none (the config's format and folder), `weights_path` (an HF or
     orbax folder, which becomes `model_config.model`), `weights_iterator` (name, array)
     pairs (checkpoint names when `is_checkpoint_format`, else leaf paths such as
     `layers.0.wq`; a subset updates only those tensors), or `params` (a whole tree in the
-    runner's layout). Arrays handed over are copied: the caller keeps its own.
+    runner's layout). Arrays handed over are copied: the caller keeps its own. A folder
+    must hold a config.json describing the model served, unless `assume_same_model` says
+    the caller knows its tensors fit (e.g. an orbax folder saved without one).
 
     Raises:
         ValueError: more than one source, or nothing to load from (dummy format).
@@ -152,7 +156,7 @@ def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None
             raise ValueError("cannot reload weights with load_format='dummy': there is no weight file. "
                              "Switch the format first, e.g. update_config({'load_config': "
                              "{'load_format': 'auto'}}), or pass weights_path/weights_iterator/params")
-        if config.model_config.model is not None:
+        if config.model_config.model is not None and not assume_same_model:
             _check_same_model(config, Path(config.model_config.model))
         new_params = load_params(config, target)
     return dataclasses.replace(state, config=config, params=new_params, host_params=None,
@@ -179,8 +183,11 @@ def _check_same_model(config: RunnerConfig, folder: Path) -> None:
     Shapes alone do not tell: two checkpoints can agree in every tensor shape and still
     differ in RoPE, norm epsilon or tied embeddings, which would be served silently wrong.
     """
-    if not (folder / "config.json").is_file():
-        return  # e.g. an orbax folder saved without a config: its tree is checked instead
+    if not _is_regular_file(folder / "config.json"):
+        # Tensor shapes alone cannot tell another RoPE base or norm epsilon.
+        raise CheckpointError(f"{str(folder)!r} has no readable config.json (a regular file), so nothing "
+                              "shows it holds the model the runner serves; add one, or pass "
+                              "assume_same_model=True if its tensors are known to fit")
     ours = config.model_config
     try:
         theirs = ModelConfig.from_pretrained(folder, dtype=ours.dtype)
@@ -195,6 +202,14 @@ def _check_same_model(config: RunnerConfig, folder: Path) -> None:
         raise CheckpointError(f"{str(folder)!r} holds a different model than the runner serves ({detail}); "
                               "build a new LLM for it (or, for rms_norm_eps/rope_theta/rope_scaling, "
                               "update_config the runner to match first)")
+
+
+def _is_regular_file(path: Path) -> bool:
+    """A regular file (following symlinks): a FIFO would block, a symlink loop raise."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _pairs(items: Iterable[Any] | Mapping[str, Any]) -> Iterator[tuple[str, Any]]:

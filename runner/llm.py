@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from runner import demo, distributed, inputs
 from runner.engine import Engine
+from runner.chat import normalize_conversations
 from runner.engine_args import EngineArgs
+from runner.generation_config import default_sampling_params
 from runner.model_runner import ModelRunner
 from runner.outputs import RequestOutput, request_output
 from runner.sampling_params import SamplingParams
@@ -28,7 +30,7 @@ from state.config import ModelConfig, RunnerConfig
 from state.params import Params
 from state.request import Request
 
-RPC_METHODS = ("update_config", "reload_weights", "sleep", "wake_up", "reset_prefix_cache")
+RPC_METHODS = ("update_config", "reload_weights", "sleep", "wake_up", "reset_prefix_cache", "warmup")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -68,8 +70,10 @@ class LLM:
         if model_config is None and model is None:
             model = demo.builtin_folder()
         config = args.to_config(model, model_config)
-        # The tokenizer first: a bad one fails before any weight is loaded.
-        tokenizer = _resolve_tokenizer(tokenizer, config.model_config)
+        # The tokenizer and generation defaults first: bad files fail before any weight loads.
+        tokenizer = None if args.skip_tokenizer_init else _resolve_tokenizer(tokenizer, config.model_config)
+        self._default_params = _default_sampling_params(args.generation_config, config.model_config)
+        self._max_logprobs = args.max_logprobs
         self.engine = Engine(ModelRunner(config, params), tokenizer, seed=args.seed)
         self._lock = threading.RLock()
 
@@ -96,7 +100,14 @@ class LLM:
         return self.engine.tokenizer
 
     def get_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer, with the calls vLLM scripts make (`encode`, `decode`,
+        `apply_chat_template`, `__call__`, ...); None with `skip_tokenizer_init=True`."""
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """A fresh `SamplingParams` holding the folder's generation_config.json defaults
+        (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), as vLLM's."""
+        return self._default_params.clone()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -108,11 +119,13 @@ class LLM:
 
     @_exclusive
     def reload_weights(self, weights_path: str | None = None, weights_iterator: Any = None,
-                       params: Params | None = None, is_checkpoint_format: bool = True) -> None:
+                       params: Params | None = None, is_checkpoint_format: bool = True,
+                       assume_same_model: bool = False) -> None:
         """Swap in new weights (see `runner.lifecycle.reload_weights`); cached prefixes,
         computed with the old weights, are dropped."""
         self.engine.reload_weights(weights_path=weights_path, weights_iterator=weights_iterator,
-                                   params=params, is_checkpoint_format=is_checkpoint_format)
+                                   params=params, is_checkpoint_format=is_checkpoint_format,
+                                   assume_same_model=assume_same_model)
 
     @_exclusive
     def sleep(self, level: int = 1) -> None:
@@ -132,27 +145,46 @@ class LLM:
         return warmup(self.engine.runner)
 
     @_exclusive
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix: later prompts are computed in full."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix: later prompts are computed in full. True, as vLLM's
+        (the cache can always be reset here: no request is running between calls)."""
         self.engine.scheduler.reset_prefix_cache()
+        return True
 
-    def collective_rpc(self, method: str, args: tuple | list = (),
-                       kwargs: dict[str, Any] | None = None) -> list:
-        """Call a lifecycle method on every worker; one result per worker.
+    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
+                       args: tuple | list = (), kwargs: dict[str, Any] | None = None) -> list:
+        """Call a lifecycle method, or `method(worker, *args, **kwargs)` for a callable, on
+        every worker; one result per worker. The worker is the `Engine` (its `runner` /
+        `model_runner` holds the record, its `scheduler` the requests). `timeout` is
+        accepted for vLLM's signature; calls here are synchronous.
 
         A single process is one worker. Under `runner.distributed` every process is one:
         each process makes this same call (SPMD), runs the method itself, and gets every
         process's result, in process order. A failure in any process raises in all of them.
         """
-        if method not in RPC_METHODS:
-            raise ValueError(f"collective_rpc: unknown method {method!r}; supported: {', '.join(RPC_METHODS)}")
+        if timeout is not None and not isinstance(timeout, (int, float)):
+            raise ValueError(f"collective_rpc: timeout must be seconds or None, got {type(timeout).__name__} "
+                             "(pass the method's arguments as args=(...), as in vLLM)")
+        if callable(method):
+            name, target = getattr(method, "__name__", "callable"), self._on_worker(method)
+        elif method in RPC_METHODS:
+            name, target = method, getattr(self, method)
+        else:
+            raise ValueError(f"collective_rpc: unknown method {method!r}; supported: {', '.join(RPC_METHODS)}, "
+                             "or a callable taking the worker first")
         if not isinstance(args, (tuple, list)):
             raise ValueError(f"collective_rpc: args must be a tuple of positional arguments, got "
                              f"{type(args).__name__} (write args=(value,) for one argument)")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ValueError(f"collective_rpc: kwargs must be a dict, got {type(kwargs).__name__}")
-        call = functools.partial(getattr(self, method), *args, **(kwargs or {}))
-        return [call()] if not distributed.is_multiprocess() else distributed.call_everywhere(method, call)
+        call = functools.partial(target, *args, **(kwargs or {}))
+        return [call()] if not distributed.is_multiprocess() else distributed.call_everywhere(name, call)
+
+    def _on_worker(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @_exclusive
+        def run(llm: LLM, *args: Any, **kwargs: Any) -> Any:
+            return fn(llm.engine, *args, **kwargs)
+        return functools.partial(run, self)
 
     # -- generation ----------------------------------------------------------------------
 
@@ -162,20 +194,46 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in prompt order.
 
-        A prompt is a string (needs a tokenizer) or `{"prompt_token_ids": [...]}`. Every
-        prompt is checked before any request exists: a bad one fails the call with no
-        request id or seed drawn.
+        A prompt is a string (needs a tokenizer), `{"prompt": text}`, or
+        `{"prompt_token_ids": [...]}` (`runner.inputs.TextPrompt` / `TokensPrompt`);
+        `sampling_params` defaults to `get_default_sampling_params()`. Every prompt is
+        checked before any request exists: a bad one fails the call with no request id or
+        seed drawn. Each request keeps its own copy of the settings it was given.
         """
         self.engine.runner.state.check_servable()
         prompts = inputs.prompt_list(prompts)
-        params_list = inputs.sampling_list(sampling_params, len(prompts))
+        params_list = inputs.sampling_list(
+            self.get_default_sampling_params() if sampling_params is None else sampling_params, len(prompts))
         encoded = [inputs.encode_prompt(i, p, self.tokenizer, self.config) for i, p in enumerate(prompts)]
-        for i, (ids, p) in enumerate(zip(encoded, params_list)):
-            inputs.check_request(i, ids, p, self.config, self.scheduler, self.tokenizer)
-        groups = [self.engine.make_requests(ids, p) for ids, p in zip(encoded, params_list)]
+        params_list = [inputs.check_request(i, ids, p, self.config, self.scheduler, self.tokenizer,
+                                            self._max_logprobs)
+                       for i, ((_, ids), p) in enumerate(zip(encoded, params_list))]
+        groups = [self.engine.make_requests(ids, p) for (_, ids), p in zip(encoded, params_list)]
         self._run([r for group in groups for r in group], use_tqdm)
-        return [request_output(prompt, ids, group, self.tokenizer)
-                for prompt, ids, group in zip(prompts, encoded, groups)]
+        return [request_output(text, ids, group) for (text, ids), group in zip(encoded, groups)]
+
+    def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of `{"role", "content"}` messages) or
+        a batch of them, rendered with the folder's chat template (or `chat_template`)
+        exactly as `transformers`' `apply_chat_template` renders it."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer: the model folder has no tokenizer.json "
+                             "(or skip_tokenizer_init=True)")
+        if continue_final_message:
+            raise ValueError("chat: continue_final_message=True is not supported; end the conversation "
+                             "with a user message and add_generation_prompt=True")
+        conversations, batched = normalize_conversations(messages)
+        prompts = [{"prompt": self.tokenizer.apply_chat_template(
+                        c, tools=tools, chat_template=chat_template, tokenize=False,
+                        add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))}
+                   for c in conversations]
+        # The template writes every special token itself: encode without adding more.
+        ids = [{"prompt_token_ids": self.tokenizer.encode(p["prompt"], add_special_tokens=False),
+                **p} for p in prompts]
+        return self.generate(ids if batched else ids[:1], sampling_params, use_tqdm)
 
     def _run(self, requests: list[Request], use_tqdm: bool) -> None:
         """Step until every request finished. On any exception (a keyboard interrupt
@@ -200,6 +258,14 @@ class LLM:
             raise
         finally:
             bar.close()
+
+
+def _default_sampling_params(source: str, model_config: ModelConfig) -> SamplingParams:
+    """vLLM's `generation_config`: "auto" reads the model folder's file, "vllm" keeps
+    vLLM's own defaults, any other value names a folder holding generation_config.json."""
+    if source == "vllm" or (source == "auto" and model_config.model is None):
+        return SamplingParams()
+    return default_sampling_params(model_config.model if source == "auto" else source)
 
 
 def _resolve_tokenizer(tokenizer: str | Tokenizer | None, model_config: ModelConfig) -> Tokenizer | None:

@@ -12,7 +12,6 @@ caller swapping trees never sees a half-loaded one.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from models.checkpoint import Piece, leaf_for, skipped_shape
 from runner import orbax_io
 from runner.param_tree import CheckpointError, Tensor, as_array, assemble
+from runner.safetensors_io import INDEX_FILE, iter_safetensors, refuse_pickle
 from state.config import ModelConfig, RunnerConfig
 from state.params import Params, abstract_params, leaf_paths, param_specs
-
-INDEX_FILE = "model.safetensors.index.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def resolve_format(config: RunnerConfig) -> str:
@@ -42,7 +38,7 @@ def resolve_format(config: RunnerConfig) -> str:
         return "safetensors"
     if orbax_io.is_orbax_folder(folder):
         return "orbax"
-    _refuse_pickle(folder)
+    refuse_pickle(folder)
     raise CheckpointError(f"no weights in {str(folder)!r}: expected *.safetensors files "
                           f"(or {INDEX_FILE}), or an orbax checkpoint")
 
@@ -54,67 +50,6 @@ def _model_folder(cfg: ModelConfig) -> Path:
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {cfg.model!r} does not exist")
     return folder
-
-
-def _refuse_pickle(folder: Path) -> None:
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickled:
-        raise CheckpointError(
-            f"{str(folder)!r} holds only pickle-based weights ({', '.join(pickled)}); loading "
-            "them could run arbitrary code. Convert them to safetensors (e.g. "
-            "`model.save_pretrained(path, safe_serialization=True)`) and load that folder")
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of an HF folder, from its index when it has one."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise CheckpointError(f"{index} is not a valid safetensors index: 'weight_map' must map "
-                                  f"tensor names to shard file names, got {str(weight_map)[:200]}")
-        # Shards are files of this folder: a name reaching elsewhere (a path, '..') is refused
-        # rather than read.
-        outside = [f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")]
-        if outside:
-            raise CheckpointError(f"{index} names shard {outside[0]!r}, which is not a file name in "
-                                  f"{str(folder)!r}; shards must lie in the checkpoint folder itself")
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        _refuse_pickle(folder)
-        raise CheckpointError(f"no *.safetensors files in {str(folder)!r}")
-    return files
-
-
-def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(checkpoint name, array) pairs of an HF folder, one tensor in memory at a time."""
-    for file in safetensors_files(Path(folder)):
-        try:
-            with safe_open(file, framework="numpy") as f:
-                for name in f.keys():
-                    yield name, _read_tensor(f, name, file)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt safetensors file?)") from e
-
-
-def _read_tensor(f: Any, name: str, file: Path) -> np.ndarray:
-    """One tensor of an open safetensors file. Element types numpy has no dtype for (float8,
-    float4 and the like) fail inside safetensors with an AttributeError or TypeError: refused
-    here by name, like any other non-floating tensor."""
-    try:
-        return f.get_tensor(name)
-    except (AttributeError, TypeError) as e:
-        dtype = f.get_slice(name).get_dtype()
-        raise CheckpointError(f"tensor {name!r} in {file} has dtype {dtype}, which cannot be read "
-                              "(expected F32, F16, BF16 or F64)") from e
 
 
 def checkpoint_tensors(named: Iterable[tuple[str, Any]], cfg: ModelConfig) -> Iterator[Tensor]:
@@ -200,6 +135,15 @@ class _ExpertStacks:
                                   f"{len(stack)} of {self.cfg.moe.num_experts}, e.g. {self.labels[leaf]})")
 
 
+def _known(name: str, cfg: ModelConfig) -> bool:
+    """A checkpoint name the model reads or deliberately skips."""
+    try:
+        leaf_for(name, cfg)
+    except KeyError as e:
+        raise CheckpointError(e.args[0]) from None
+    return True
+
+
 def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *,
                            base: Params | None = None, check_finite: bool = True,
                            shardings: Params | None = None, copy: bool = True) -> Params:
@@ -258,5 +202,7 @@ def load_params(config: RunnerConfig, shardings: Params | None = None) -> Params
     if fmt == "orbax":
         return orbax_io.restore_params(_model_folder(cfg), cfg, shardings, check_finite=load.check_finite)
     # Arrays read from the files belong to nobody else: no copy.
-    return params_from_checkpoint(iter_safetensors(_model_folder(cfg)), cfg, copy=False,
+    # Names are checked from each file's header, before any tensor is read.
+    named = iter_safetensors(_model_folder(cfg), expected=lambda name: _known(name, cfg))
+    return params_from_checkpoint(named, cfg, copy=False,
                                   check_finite=load.check_finite, shardings=shardings)

@@ -103,6 +103,7 @@ class SequenceResult:
 
     token_id: int | None = None  # None when the step only advanced a prompt chunk
     logprob: float | None = None
+    rank: int | None = None  # of the token in the full distribution, when logprobs are asked
     top_ids: np.ndarray | None = None  # [MAX_LOGPROBS] most likely next tokens, when asked
     top_logprobs: np.ndarray | None = None  # [MAX_LOGPROBS] their log-probabilities
     prompt_logprobs: PromptLogprobs | None = None  # this chunk's positions, when asked
@@ -117,6 +118,7 @@ class PromptLogprobs:
     next_logprobs: np.ndarray  # [n]
     top_ids: np.ndarray  # [n, MAX_LOGPROBS]
     top_logprobs: np.ndarray  # [n, MAX_LOGPROBS]
+    ranks: np.ndarray  # [n] 1-based rank of the next prompt token
 
 
 class ModelRunner:
@@ -156,10 +158,12 @@ class ModelRunner:
         return self._state.config
 
     def reload_weights(self, weights_path: str | None = None, weights_iterator: Any = None,
-                       params: Params | None = None, is_checkpoint_format: bool = True) -> None:
+                       params: Params | None = None, is_checkpoint_format: bool = True,
+                       assume_same_model: bool = False) -> None:
         self._state = lifecycle.reload_weights(self._state, weights_path=weights_path,
                                                weights_iterator=weights_iterator, params=params,
-                                               is_checkpoint_format=is_checkpoint_format)
+                                               is_checkpoint_format=is_checkpoint_format,
+                                               assume_same_model=assume_same_model)
 
     def sleep(self, level: int = 1) -> None:
         old = self._state
@@ -233,7 +237,8 @@ class ModelRunner:
             if s.samples:
                 fields.update(token_id=int(sampled.token_ids[i]), logprob=float(sampled.logprobs[i]))
                 if s.request.sampling_params.logprobs is not None:
-                    fields.update(top_ids=sampled.top_ids[i], top_logprobs=sampled.top_logprobs[i])
+                    fields.update(rank=int(sampled.ranks[i]), top_ids=sampled.top_ids[i],
+                                  top_logprobs=sampled.top_logprobs[i])
             if prompt is not None and s.request.sampling_params.prompt_logprobs is not None:
                 rows = slice(offset, offset + s.num_tokens)
                 fields["prompt_logprobs"] = PromptLogprobs(*(a[rows] for a in prompt))
@@ -242,7 +247,7 @@ class ModelRunner:
         return results
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: jax.Array,
-                         sizes: BucketSizes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                         sizes: BucketSizes) -> tuple[np.ndarray, ...] | None:
         """Per scheduled token: the log-probability of the *next* prompt token and the top
         entries there, for steps where some request still gathers prompt logprobs."""
         if not any(s.request.sampling_params.prompt_logprobs is not None and s.request.is_prefilling_prompt

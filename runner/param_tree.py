@@ -146,10 +146,12 @@ def as_array(value: Any, label: str) -> np.ndarray | jax.Array:
     Torch tensors are read without importing torch: detached, moved to the host, and
     bfloat16 reinterpreted bit for bit (numpy has no bfloat16; ml_dtypes' is JAX's).
     """
-    if isinstance(value, jax.ShapeDtypeStruct) or (
-            isinstance(value, jax.Array) and not hasattr(value, "addressable_shards")):
+    if isinstance(value, jax.ShapeDtypeStruct):
         raise CheckpointError(f"{label} is an abstract array ({type(value).__name__}) with no values")
     if isinstance(value, jax.Array):
+        if value.is_deleted():
+            raise CheckpointError(f"{label} is a deleted array (a runner's own buffers are deleted "
+                                  "by sleep: hand over a copy, e.g. jax.device_get(tree))")
         return value
     if type(value).__module__.startswith("torch"):
         value = _torch_to_numpy(value)

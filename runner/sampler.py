@@ -55,6 +55,7 @@ class SamplerOutput:
     logprobs: Any  # [B] f32 log-probability of the chosen token under the model
     top_ids: Any  # [B, num_logprobs] i32
     top_logprobs: Any  # [B, num_logprobs] f32
+    ranks: Any  # [B] i32 1-based rank of the chosen token in the full distribution (0: not asked)
 
 
 def _scatter_rows(shape: tuple[int, int], ids: jax.Array, values: jax.Array) -> jax.Array:
@@ -115,17 +116,26 @@ def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Sa
         tokens = jnp.where(is_greedy, tokens, sampled)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
-    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    ranks = _ranks(raw_logprobs, chosen) if flags.num_logprobs else jnp.zeros(B, jnp.int32)
+    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, ranks)
 
 
-def prompt_logprobs(logits: jax.Array, next_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _ranks(logprobs: jax.Array, chosen: jax.Array) -> jax.Array:
+    """[rows] 1-based rank of each chosen log-probability in its row (ties share a rank)."""
+    return 1 + jnp.sum(logprobs > chosen[:, None], axis=-1).astype(jnp.int32)
+
+
+def prompt_logprobs(logits: jax.Array, next_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Log-probabilities at every prompt position: of the actual next token, and the top ones.
 
     Args:
         logits: [T, V] float32 logits of every scheduled token.
         next_ids: [T] the token that follows each position.
+
+    Returns:
+        [T] its log-probability, [T, MAX_LOGPROBS] top ids and log-probabilities, [T] its rank.
     """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, next_ids[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
-    return chosen, top_ids.astype(jnp.int32), top_logprobs
+    return chosen, top_ids.astype(jnp.int32), top_logprobs, _ranks(logprobs, chosen)

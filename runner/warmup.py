@@ -63,7 +63,8 @@ def decode_shapes(config: RunnerConfig) -> Iterator[tuple[int, int]]:
 
 def sampler_inputs(config: RunnerConfig) -> Iterator[tuple[int, SamplingMetadata, SamplerFlags]]:
     """(B, metadata, flags) for every common sampler variant."""
-    for B in buckets_up_to(config.scheduler_config.max_num_seqs):
+    # Decode batches have at least MIN_DECODE_BUCKET rows, so their sampler does too.
+    for B in buckets_up_to(max(config.scheduler_config.max_num_seqs, MIN_DECODE_BUCKET)):
         meta = SamplingMetadata(
             temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
             top_p=np.ones(B, np.float32), min_p=np.zeros(B, np.float32),

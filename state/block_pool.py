@@ -10,6 +10,7 @@ so equal hashes mean equal whole prefixes, not just equal blocks.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
@@ -45,13 +46,28 @@ class BlockPool:
         """`n` blocks with reference count 1, least recently freed first."""
         if n > len(self.free_queue):
             raise NoFreeBlocksError(f"asked for {n} KV blocks, {len(self.free_queue)} free")
-        blocks = []
-        for _ in range(n):
-            block, _ = self.free_queue.popitem(last=False)
-            self._evict(block)
-            self.ref_counts[block] = 1
-            blocks.append(block)
+        blocks = list(itertools.islice(self.free_queue, n))
+        digests = [self.block_hash[b] for b in blocks]
+        try:
+            for block in blocks:
+                del self.free_queue[block]
+                self._evict(block)
+                self.ref_counts[block] = 1
+        except BaseException:
+            self._undo_allocate(blocks, digests)
+            raise
         return blocks
+
+    def _undo_allocate(self, blocks: list[int], digests: list[bytes | None]) -> None:
+        """Put `blocks` back at the queue's head, free and cached as they were. Each step is
+        idempotent, so it repairs an allocation interrupted at any point."""
+        for block, digest in zip(reversed(blocks), reversed(digests)):
+            self.ref_counts[block] = 0
+            self.block_hash[block] = digest
+            if digest is not None:
+                self.cached[digest] = block
+            self.free_queue[block] = None
+            self.free_queue.move_to_end(block, last=False)
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; a block nobody holds joins the LRU queue.
@@ -61,14 +77,23 @@ class BlockPool:
         listed more often than it is held) is refused whole, before any count changes: a
         half-applied free would leave the pool inconsistent behind the error.
         """
-        for block, count in Counter(blocks).items():
+        counts = Counter(blocks)
+        for block, count in counts.items():
             if count > self.ref_counts[block]:
                 raise RuntimeError(f"block {block} freed while not allocated "
                                    f"(freed {count} times, held {self.ref_counts[block]})")
-        for block in reversed(blocks):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_queue[block] = None
+        held = {block: self.ref_counts[block] for block in counts}
+        try:
+            for block in reversed(blocks):
+                self.ref_counts[block] -= 1
+                if self.ref_counts[block] == 0:
+                    self.free_queue[block] = None
+        except BaseException:
+            # Every block listed was held, so none of them was in the free queue before.
+            for block, count in held.items():
+                self.ref_counts[block] = count
+                self.free_queue.pop(block, None)
+            raise
 
     def lookup_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
         """The cached blocks of the longest cached prefix of `token_ids`, and their hashes.
@@ -86,10 +111,21 @@ class BlockPool:
             blocks.append(block)
             hashes.append(digest)
             parent = digest
-        for block in blocks:
-            if self.ref_counts[block] == 0:
-                del self.free_queue[block]
-            self.ref_counts[block] += 1
+        held = [self.ref_counts[b] for b in blocks]
+        # Reviving removes blocks from the middle of the queue: only a copy of its order can
+        # put them back where they were.
+        order = list(self.free_queue) if 0 in held else None
+        try:
+            for block in blocks:
+                if self.ref_counts[block] == 0:
+                    del self.free_queue[block]
+                self.ref_counts[block] += 1
+        except BaseException:
+            for block, count in zip(blocks, held):
+                self.ref_counts[block] = count
+            if order is not None:
+                self.free_queue = OrderedDict.fromkeys(order)
+            raise
         return blocks, hashes
 
     def cache_blocks(self, blocks: Sequence[int], hashes: list[bytes], token_ids: Sequence[int],
@@ -101,18 +137,35 @@ class BlockPool:
         """
         if not self.enable_caching:
             return
+        digests = []
         for i in range(len(hashes), num_full_blocks):
-            parent = hashes[-1] if hashes else None
-            digest = hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
-            hashes.append(digest)
-            if digest not in self.cached and self.block_hash[blocks[i]] is None:
-                self.cached[digest] = blocks[i]
-                self.block_hash[blocks[i]] = digest
+            parent = digests[-1] if digests else hashes[-1] if hashes else None
+            digests.append(hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        fresh = [(digest, blocks[i]) for i, digest in enumerate(digests, start=len(hashes))
+                 if digest not in self.cached and self.block_hash[blocks[i]] is None]
+        known = len(hashes)
+        try:
+            for digest, block in fresh:
+                self.cached[digest] = block
+                self.block_hash[block] = digest
+            hashes.extend(digests)
+        except BaseException:
+            del hashes[known:]
+            for digest, block in fresh:  # both were unset before
+                self.cached.pop(digest, None)
+                self.block_hash[block] = None
+            raise
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix: later requests recompute their whole prompt."""
-        self.cached.clear()
-        self.block_hash = [None] * self.num_blocks
+        # Both replaced together: a cache entry must never outlive its block's hash, nor a
+        # hash its cache entry.
+        before = self.cached, self.block_hash
+        try:
+            self.cached, self.block_hash = {}, [None] * self.num_blocks
+        except BaseException:
+            self.cached, self.block_hash = before
+            raise
 
     def _evict(self, block: int) -> None:
         digest = self.block_hash[block]

@@ -15,12 +15,14 @@ import dataclasses
 import enum
 import json
 import math
+import os
+import stat
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from state.kv_cache import KV_LAYOUTS
 
@@ -67,6 +69,85 @@ def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool 
     if value is None and allow_none:
         return
     _require(_is_int(value) and value > 0, record, name, f"expected a positive int, got {value!r}")
+
+
+def _check_in_vocab(name: str, token_ids: tuple[int, ...], vocab_size: int) -> None:
+    for token in token_ids:
+        _require(token < vocab_size, "ModelConfig", name,
+                 f"token id {token} is outside the vocabulary [0, {vocab_size}) (vocab_size)")
+
+
+# -- reading JSON files people hand us ------------------------------------------------------
+
+MAX_JSON_BYTES = 100_000_000  # far beyond any config.json or index: bounds what one read takes
+MAX_JSON_DEPTH = 64  # HF configs nest a few levels; deeper is not a config
+
+
+def open_regular_file(path: Path, error: type[ValueError] = ValueError) -> BinaryIO:
+    """`path` opened for binary reading, or `error` naming it unless it is a regular file.
+
+    A FIFO or a device would block `open()` or `read()` forever, a symlink loop or a folder
+    fails with an OSError. Opening never blocks (O_NONBLOCK) and the type is checked on the
+    opened descriptor, so a file swapped in after a check cannot slip through.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise error(_not_openable(path, e)) from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{path} is {_file_kind(mode)}, not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _not_openable(path: Path, e: OSError) -> str:
+    try:  # a socket fails to open (ENXIO): name what it is rather than the errno
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        return f"{path} is {_file_kind(mode)}, not a regular file"
+    return f"cannot open {path}: {e.strerror or e}"
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def read_regular_file(path: Path, max_bytes: int, error: type[ValueError] = ValueError) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` bytes, else `error` naming it."""
+    with open_regular_file(path, error) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise error(f"cannot read {path}: {e.strerror or e}") from e
+    if len(data) > max_bytes:
+        raise error(f"{path} is larger than {max_bytes} bytes, more than a JSON file this runner reads")
+    return data
+
+
+def parse_json(data: bytes | str) -> Any:
+    """`json.loads` of UTF-8 text, raising only ValueError: for text that is not JSON, and for
+    nesting deeper than MAX_JSON_DEPTH (which would otherwise be a RecursionError here or later)."""
+    try:
+        # Decoded here: json.loads would guess UTF-16 from a byte-order mark.
+        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    stack = [(value, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 # Architecture -> HF `model_type`. Every family is the one llama-like core with flags:
@@ -193,6 +274,10 @@ class ModelConfig:
                  name, "bos_token_id", f"expected None or a token id (an int >= 0), got {self.bos_token_id!r}")
         _require(isinstance(self.eos_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.eos_token_ids),
                  name, "eos_token_ids", f"expected a tuple of token ids (ints >= 0), got {self.eos_token_ids!r}")
+        # An id the logits do not cover can never be sampled, and indexing with it overflows.
+        _check_in_vocab("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,),
+                        self.vocab_size)
+        _check_in_vocab("eos_token_ids", self.eos_token_ids, self.vocab_size)
         # Read only by the dummy initialiser, so nothing else would catch a bad value early.
         _require(_is_finite_number(self.initializer_range) and self.initializer_range >= 0, name,
                  "initializer_range", f"expected a finite number >= 0, got {self.initializer_range!r}")
@@ -217,29 +302,35 @@ class ModelConfig:
         return dataclasses.replace(self, **resets)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "auto") -> ModelConfig:
-        """Read a Hugging Face `config.json`; refuse any feature this runner does not implement."""
+    def from_pretrained(cls, path: str | Path, dtype: str = "auto",
+                        overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+        """Read a Hugging Face `config.json` (with `overrides` merged over its top-level
+        keys, like vLLM's `hf_overrides`); refuse any feature this runner does not implement."""
         if not Path(path).is_dir():
             raise FileNotFoundError(f"model folder {str(path)!r} does not exist or is not a folder: "
                                     "expected a Hugging Face model folder holding config.json")
         config_file = Path(path) / "config.json"
-        if not config_file.is_file():
+        if not os.path.lexists(config_file):
             raise FileNotFoundError(f"no config.json in {str(path)!r}: expected a Hugging Face model folder")
+        data = read_regular_file(config_file, MAX_JSON_BYTES)
         try:
-            hf = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            hf = parse_json(data)
+        except ValueError as e:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from e
         if not isinstance(hf, dict):
             raise ValueError(f"{config_file} must hold a JSON object, got {type(hf).__name__}")
-        return cls.from_hf_dict(hf, model=str(path), dtype=dtype)
+        return cls.from_hf_dict({**hf, **(overrides or {})}, model=str(path), dtype=dtype)
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any], *, model: str | None = None,
                      dtype: str = "auto") -> ModelConfig:
         archs = hf.get("architectures") or []
         if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architectures {archs!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        _reject_unimplemented(hf)
+            remote = (" (its config.json names custom code in auto_map, which this runner never runs, "
+                      "trust_remote_code or not)" if "auto_map" in hf else "")
+            raise ValueError(f"unsupported architectures {archs!r}{remote}; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        _reject_unimplemented(hf, archs[0])
         try:
             hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
             rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -268,7 +359,7 @@ class ModelConfig:
                 rope_theta=_hf_float(rope, "rope_theta", _hf_float(hf, "rope_theta", 10000.0)),
                 rope_scaling=_rope_scaling(rope),
                 # Qwen2's config has no such field: its q/k/v projections always carry biases.
-                attention_bias=_default(hf.get("attention_bias"), archs[0] == "Qwen2ForCausalLM"),
+                attention_bias=archs[0] == "Qwen2ForCausalLM",
                 sliding_window=_sliding_window(hf),
                 moe=_moe(hf, archs[0]),
                 model=model,
@@ -317,13 +408,17 @@ class ModelConfig:
         }
 
 
-def _reject_unimplemented(hf: Mapping[str, Any]) -> None:
+def _reject_unimplemented(hf: Mapping[str, Any], architecture: str) -> None:
     """Fail on config features that would silently change the model if ignored."""
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true")
+    # Llama's (and Qwen3's, Mistral's) attention_bias also puts a bias on o_proj; Qwen2's
+    # q/k/v biases are built in.
+    if hf.get("attention_bias") and architecture != "Qwen2ForCausalLM":
+        problems.append("attention_bias=true")
     layer_types = hf.get("layer_types") or []
     # Sliding layers are served as full attention, which is exact only while the window
     # covers max_model_len: RunnerConfig checks `sliding_window` against it.
@@ -449,6 +544,8 @@ class CacheConfig:
     block_size: int = _f(Effect.REALLOCATE, 16, "tokens per KV block")
     num_blocks: int | None = _f(Effect.REALLOCATE, None, "KV blocks; None: from memory_budget_bytes")
     memory_budget_bytes: int | None = _f(Effect.REALLOCATE, None, "KV budget when num_blocks is None")
+    gpu_memory_utilization: float | None = _f(Effect.REALLOCATE, None,
+                                              "KV budget as a fraction of free device memory (see kv_cache)")
     kv_cache_dtype: str = _f(Effect.REALLOCATE, "auto", "auto (= model dtype) | float32 | bfloat16 | fp8")
     enable_prefix_caching: bool = _f(Effect.REALLOCATE, True, "share full blocks between requests")
     attention_backend: str = _f(Effect.REALLOCATE, "reference",
@@ -459,6 +556,9 @@ class CacheConfig:
         _check_positive_int("CacheConfig", "block_size", self.block_size)
         _check_positive_int("CacheConfig", "num_blocks", self.num_blocks, allow_none=True)
         _check_positive_int("CacheConfig", "memory_budget_bytes", self.memory_budget_bytes, allow_none=True)
+        u = self.gpu_memory_utilization
+        _require(u is None or (_is_finite_number(u) and 0 < u <= 1), "CacheConfig", "gpu_memory_utilization",
+                 f"expected a fraction in (0, 1], got {u!r}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "CacheConfig", "kv_cache_dtype",
                  f"unknown {self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
         _require(isinstance(self.enable_prefix_caching, bool), "CacheConfig", "enable_prefix_caching",

@@ -24,6 +24,10 @@ from state.batch import cdiv
 if TYPE_CHECKING:  # state.config reads the backend names from this module
     from state.config import RunnerConfig
 
+# The KV budget on hosts that report no device memory (CPU): `gpu_memory_utilization` is a
+# fraction of it, and the default cache never exceeds it.
+HOST_KV_BUDGET_BYTES = 2 << 30
+
 # Attention backend -> logical axes of one layer's K (or V) cache array.
 KV_LAYOUTS: dict[str, tuple[str, ...]] = {
     "reference": ("kv_blocks", "block_slots", "kv_heads", "head_dim"),
@@ -73,20 +77,25 @@ def resolve_num_blocks(config: RunnerConfig, free_device_bytes: int | None) -> i
     """How many KV blocks to allocate.
 
     `cache_config.num_blocks` wins when set. Otherwise the budget is
-    `cache_config.memory_budget_bytes`, else 90% of the free device memory when the backend
-    reports it, else (CPU) enough blocks for `max_num_seqs` requests of `max_model_len`
-    tokens, capped at 2 GiB.
+    `cache_config.memory_budget_bytes`; else, where the backend reports its memory (GPUs),
+    the `gpu_memory_utilization` fraction (default 0.9) of the memory free once the
+    weights are placed; else (CPU, which reports none) that fraction of
+    `HOST_KV_BUDGET_BYTES` when it is set, and by default enough blocks for `max_num_seqs`
+    requests of `max_model_len` tokens, capped at `HOST_KV_BUDGET_BYTES`.
     """
     cache = config.cache_config
     if cache.num_blocks is not None:
         return cache.num_blocks
+    utilization = cache.gpu_memory_utilization
     if cache.memory_budget_bytes is not None:
         budget = cache.memory_budget_bytes
     elif free_device_bytes is not None:
-        budget = int(0.9 * free_device_bytes)
+        budget = int((0.9 if utilization is None else utilization) * free_device_bytes)
+    elif utilization is not None:
+        budget = int(utilization * HOST_KV_BUDGET_BYTES)
     else:
         want = blocks_per_seq(config) * config.scheduler_config.max_num_seqs
-        budget = min(want * bytes_per_block(config), 2 << 30)
+        budget = min(want * bytes_per_block(config), HOST_KV_BUDGET_BYTES)
     num_blocks = budget // bytes_per_block(config)
     if num_blocks < blocks_per_seq(config):
         raise ValueError(

@@ -16,7 +16,7 @@ def _perplexity(llm: LLM, windows: list[list[int]]) -> float:
     """exp(mean negative log-likelihood) of every token after the first, from prompt logprobs."""
     outs = llm.generate([{"prompt_token_ids": w} for w in windows],
                         SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    nll = [-entry[token] for out, w in zip(outs, windows)
+    nll = [-entry[token].logprob for out, w in zip(outs, windows)
            for entry, token in zip(out.prompt_logprobs[1:], w[1:])]
     return math.exp(float(np.mean(nll)))
 

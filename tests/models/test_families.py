@@ -18,7 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 from runner import LLM, SamplingParams
 from runner.bridge import save_pretrained
+from runner.loader import params_from_checkpoint
 from runner.param_tree import CheckpointError
+from runner.safetensors_io import iter_safetensors
 from state.config import ModelConfig
 from tests.hf_models import FAMILY_VARIANTS
 from tests.runner.test_tensor_parallel import assert_same_outputs, run_worker
@@ -46,6 +48,21 @@ def test_a_batch_of_mixed_lengths_equals_each_prompt_alone(name, hf_checkpoint):
     together = tokens(llm, PROMPTS)
     llm.reset_prefix_cache()
     assert together == [tokens(llm, [p])[0] for p in PROMPTS]
+
+
+def test_qwen2_reads_its_biases_and_refuses_a_checkpoint_without_them(hf_checkpoint):
+    folder, _ = hf_checkpoint("qwen2_gqa")
+    cfg = ModelConfig.from_pretrained(folder)
+    assert cfg.attention_bias and not cfg.qk_norm
+    assert LLM(str(folder), **LLM_ARGS).runner.params.layers[0].bq.shape == (4 * 12,)
+    # A Qwen2 checkpoint whose biases are missing is incomplete, never served without them.
+    named = [(n, a) for n, a in iter_safetensors(folder) if not n.endswith("q_proj.bias")]
+    with pytest.raises(CheckpointError, match=r"lacks 2 tensor\(s\) the model needs: layers\.0\.bq "):
+        params_from_checkpoint(named, cfg)
+    # A Llama-shaped model has no bias leaves: a bias in its checkpoint is unexpected.
+    llama = ModelConfig.from_pretrained(hf_checkpoint("llama_tied_mha")[0])
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
+        params_from_checkpoint([("model.layers.0.self_attn.q_proj.bias", named[0][1])], llama)
 
 
 # -- what the families do not implement ------------------------------------------------------
@@ -93,6 +110,13 @@ def test_phi3_rope_variants_are_refused(tmp_path, hf_checkpoint, changes, messag
               if not (k == "rope_parameters" and "rope_scaling" in changes)}
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
+        ModelConfig.from_pretrained(folder)
+
+
+def test_a_llama_attention_bias_is_refused(tmp_path, hf_checkpoint):
+    # Llama's attention_bias also biases o_proj, which the shared core does not have.
+    folder = write_config(tmp_path / "m", "llama_tied_mha", hf_checkpoint, attention_bias=True)
+    with pytest.raises(ValueError, match=r"features this runner does not implement: attention_bias=true"):
         ModelConfig.from_pretrained(folder)
 
 
@@ -162,14 +186,15 @@ def test_moe_tensor_parallel_outputs_match_one_device(hf_checkpoint, tmp_path):
         assert out[tp]["compiles_after_warmup"] == 0 and out[tp]["placed_as_recorded"]
 
 
-# -- the weight lifecycle on a MoE model ------------------------------------------------------------
+# -- the weight lifecycle -------------------------------------------------------------------------
 
-def test_moe_dummy_then_reload_equals_a_fresh_load_and_survives_sleep(hf_checkpoint):
-    folder = str(hf_checkpoint("mixtral_gqa")[0])
+@pytest.mark.parametrize("name", ["mixtral_gqa", "qwen2_mqa_tied"])
+def test_dummy_then_reload_equals_a_fresh_load_and_survives_sleep(name, hf_checkpoint):
+    folder = str(hf_checkpoint(name)[0])
     fresh = LLM(folder, **LLM_ARGS)
     expected = tokens(fresh, PROMPTS)
     llm = LLM(folder, load_format="dummy", **LLM_ARGS)
-    assert not np.array_equal(leaves(llm)["layers.0.moe_gate"], leaves(fresh)["layers.0.moe_gate"])
+    assert not np.array_equal(leaves(llm)["layers.0.wq"], leaves(fresh)["layers.0.wq"])
     llm.update_config({"load_config": {"load_format": "auto"}})
     llm.reload_weights()
     real = leaves(fresh)

@@ -46,10 +46,12 @@ def _tokens(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_memory_orbax_hf_export_and_transformers_agree(tmp_path, tied):
+@pytest.mark.parametrize("architecture, tied", [("Qwen3ForCausalLM", True), ("Qwen3ForCausalLM", False),
+                                                ("Qwen2ForCausalLM", True), ("MistralForCausalLM", False)])
+def test_memory_orbax_hf_export_and_transformers_agree(tmp_path, architecture, tied):
     import dataclasses
-    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    cfg = dataclasses.replace(CFG, architecture=architecture, tie_word_embeddings=tied,
+                              attention_bias=architecture == "Qwen2ForCausalLM")
     model = _trained(cfg)
     params = params_from_flax(model, cfg)
     from_memory = _tokens(LLM.from_params(cfg, params, max_model_len=64, num_kv_blocks=32))
@@ -61,6 +63,7 @@ def test_memory_orbax_hf_export_and_transformers_agree(tmp_path, tied):
     from_export = _tokens(LLM(str(folder), max_model_len=64, num_kv_blocks=32))
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(hf).__name__ == architecture
     hf.generation_config.eos_token_id = None
     reference = []
     for p in PROMPTS:

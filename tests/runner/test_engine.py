@@ -270,7 +270,8 @@ def test_logprobs_and_prompt_logprobs(make_llm, checkpoint):
         top2 = np.argsort(-ref[pos - 1])[:2]
         assert set(top2) <= set(entry)
         for token, lp in entry.items():
-            assert lp == pytest.approx(ref[pos - 1, token], abs=1e-4)
+            assert lp.logprob == pytest.approx(ref[pos - 1, token], abs=1e-4)
+            assert lp.rank == 1 + int(np.sum(ref[pos - 1] > ref[pos - 1, token]))
 
     assert len(completion.logprobs) == len(completion.token_ids) == 5
     total = 0.0
@@ -278,9 +279,11 @@ def test_logprobs_and_prompt_logprobs(make_llm, checkpoint):
         pos = len(prompt) + i - 1
         assert token in entry and len(entry) == 3  # greedy: the chosen token is among the top 3
         assert token == int(np.argmax(ref[pos]))  # greedy
+        assert list(entry)[0] == token and entry[token].rank == 1
         for t, lp in entry.items():
-            assert lp == pytest.approx(ref[pos, t], abs=1e-4)
-        total += entry[token]
+            assert lp.logprob == pytest.approx(ref[pos, t], abs=1e-4)
+            assert lp.rank == 1 + int(np.sum(ref[pos] > ref[pos, t]))
+        total += entry[token].logprob
     assert completion.cumulative_logprob == pytest.approx(total, abs=1e-4)
     assert_idle(engine)
 
@@ -297,8 +300,8 @@ def test_prompt_logprobs_survive_preemption(make_llm, llm):
         assert got.prompt_logprobs[0] is None
         for pos in range(1, len(prompt)):
             assert list(got.prompt_logprobs[pos]) == [prompt[pos]]  # k = 0: the actual token only
-            assert got.prompt_logprobs[pos][prompt[pos]] == pytest.approx(
-                want.prompt_logprobs[pos][prompt[pos]], abs=1e-5)
+            assert got.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(
+                want.prompt_logprobs[pos][prompt[pos]].logprob, abs=1e-5)
         assert got.num_cached_tokens == 0  # prompt logprobs need every position computed
     assert_idle(tight)
 

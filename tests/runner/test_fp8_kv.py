@@ -96,9 +96,9 @@ def outputs(llm: LLM, sequence: list[int]) -> tuple[list[int], list[float], np.n
     log-probability of every token of `sequence` after the first."""
     llm.reset_prefix_cache()
     out = llm.generate([{"prompt_token_ids": PROMPT}], GREEDY, use_tqdm=False)[0].outputs[0]
-    logprobs = [entry[t] for entry, t in zip(out.logprobs, out.token_ids)]
+    logprobs = [entry[t].logprob for entry, t in zip(out.logprobs, out.token_ids)]
     scored = llm.generate([{"prompt_token_ids": sequence}], SCORE, use_tqdm=False)[0].prompt_logprobs
-    forced = np.array([entry[t] for entry, t in zip(scored[1:], sequence[1:])])
+    forced = np.array([entry[t].logprob for entry, t in zip(scored[1:], sequence[1:])])
     return out.token_ids, logprobs, forced
 
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from runner import LLM, SamplingParams
-from runner.loader import iter_safetensors
+from runner.safetensors_io import iter_safetensors
 from runner.param_tree import CheckpointError
 from runner.tokenizer import Tokenizer
 from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig,
@@ -240,7 +240,12 @@ def test_llm_update_config_fuzz(llm, reference):
 
 # -- SamplingParams ----------------------------------------------------------------------------
 
-SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams) if f.init]
+# The fields that change what is generated; the vLLM-compatibility fields (accepted at
+# their defaults or refused by name) have their own tests.
+SAMPLING_FIELDS = ["n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logit_bias", "stop", "stop_token_ids",
+                   "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+                   "include_stop_str_in_output", "skip_special_tokens"]
 sampling_values = st.one_of(
     json_values,
     st.floats(-3, 3), st.integers(-2, 25), st.integers(0, 2**32 + 1),
@@ -281,8 +286,9 @@ def test_sampling_params_fuzz():
                      "repetition_penalty"):
             assert math.isfinite(getattr(params, name))
         assert all(math.isfinite(v) for v in (params.logit_bias or {}).values())
-        assert -1 <= params.top_k < 2**31 and 1 <= params.max_tokens
-        assert 0 <= params.min_tokens <= params.max_tokens
+        # max_tokens=None means "up to max_model_len", resolved when the request is submitted.
+        assert -1 <= params.top_k < 2**31 and (params.max_tokens is None or 1 <= params.max_tokens)
+        assert 0 <= params.min_tokens <= (math.inf if params.max_tokens is None else params.max_tokens)
         assert all(isinstance(s, str) and s for s in params.stop_strings)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             assert isinstance(getattr(params, name), bool)
@@ -323,7 +329,7 @@ def test_accepted_sampling_params_generate(llm, reference):
             llm.generate([ids(PROMPTS[0])], p, use_tqdm=False)
     assert llm.scheduler.stats.num_steps == steps
     # Short outputs keep the number of steps small; validation runs again on the copy.
-    runnable = [dataclasses.replace(p, max_tokens=min(p.max_tokens, 4), min_tokens=min(p.min_tokens, 4))
+    runnable = [dataclasses.replace(p, max_tokens=min(p.max_tokens or 4, 4), min_tokens=min(p.min_tokens, 4))
                 for p in runnable[:40]]
     for start in range(0, len(runnable), 20):
         chunk = runnable[start:start + 20]

@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from runner import LLM, SamplingParams
 from runner.compilation import CompileCounter
-from runner.loader import iter_safetensors, resolve_format
+from runner.loader import resolve_format
+from runner.safetensors_io import iter_safetensors
 from runner.orbax_io import restore_params, save_params
 from runner.param_tree import CheckpointError
 from state.config import RunnerConfig
@@ -495,8 +496,10 @@ def test_orbax_mismatched_tree_is_a_checkpoint_error(llm, untied, tmp_path, refe
     with pytest.raises(CheckpointError, match=r"does not fit the model: missing leaves \['layers\.0\.q_norm', 'layers\.0\.k_norm'.*"
                                               r"unexpected leaves \['lm_head'\]"):
         restore_params(folder, llm.config.model_config)
-    with pytest.raises(CheckpointError, match="does not fit the model"):
+    with pytest.raises(CheckpointError, match="has no readable config.json"):
         llm.reload_weights(weights_path=str(folder))
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        llm.reload_weights(weights_path=str(folder), assume_same_model=True)
     assert llm.config.model_config.model != str(folder)
     assert run(llm) == reference["tied"]
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from runner.loader import dummy_params, iter_safetensors, load_params, params_from_checkpoint
+from runner.loader import dummy_params, load_params, params_from_checkpoint
+from runner.safetensors_io import iter_safetensors
 from runner.param_tree import CheckpointError, validate_params
 from state.config import LoadConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from state.params import abstract_params, leaf_paths

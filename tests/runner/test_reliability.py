@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 import pickle
 import re
 import shutil
@@ -554,7 +553,6 @@ INVALID_SAMPLING = [
     (dict(stop_token_ids=np.array([1, 2])), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
     (dict(ignore_eos=1), "ignore_eos"), (dict(ignore_eos=None), "ignore_eos"),
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=2.0), "max_tokens"),
-    (dict(max_tokens=None), "max_tokens"),
     (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=17), "min_tokens"), (dict(min_tokens=1.0), "min_tokens"),
     (dict(logprobs=-1), "logprobs"), (dict(logprobs=21), "logprobs"), (dict(logprobs=True), "logprobs"),
     (dict(prompt_logprobs=-1), "prompt_logprobs"), (dict(prompt_logprobs=21), "prompt_logprobs"),
@@ -583,11 +581,11 @@ BAD_BATCHES = [
     ([ids([5]), ids([3] * (MAX_LEN - 1))], SamplingParams(max_tokens=1), None),  # the longest that fits
     ([ids([5]), ids([6]), ids([7]), ids([8, VOCAB])], GREEDY, r"^prompt 3: token id 97 is outside the vocabulary \[0, 97\)"),
     ([ids([5]), ids([2**70])], GREEDY, r"^prompt 1: token id \d+ is outside the vocabulary"),
-    ([ids([5]), ids([5.0])], GREEDY, r"^prompt 1: prompt_token_ids must be a list of ints"),
-    ([ids([5]), ids(np.array([5, 6]))], GREEDY, r"^prompt 1: prompt_token_ids must be a list of ints"),
-    ([ids([5]), {"prompt_token_ids": [5], "extra": 1}], GREEDY, r"^prompt 1: expected a string or a dict"),
-    ([ids([5]), None], GREEDY, r"^prompt 1: expected a string or a dict .* got NoneType"),
-    ([ids([5]), b"bytes"], GREEDY, r"^prompt 1: expected a string or a dict .* got bytes"),
+    ([ids([5]), ids([5.0])], GREEDY, r"^prompt 1: prompt_token_ids\[0\]: expected an int token id, got 5\.0"),
+    ([ids([5]), ids(np.array([[5, 6]]))], GREEDY, r"^prompt 1: prompt_token_ids: expected a list of ints"),
+    ([ids([5]), {"prompt_token_ids": [5], "extra": 1}], GREEDY, r"^prompt 1: unknown key 'extra'"),
+    ([ids([5]), None], GREEDY, r"^prompt 1: expected a str, .* got NoneType"),
+    ([ids([5]), b"bytes"], GREEDY, r"^prompt 1: expected a str, .* got bytes"),
     (b"bytes", GREEDY, r"^prompts: expected a string, a \{'prompt_token_ids': \[\.\.\.\]\} dict, or a list of them, got bytes"),
     (None, GREEDY, r"^prompts: .* got NoneType"),
     (5, GREEDY, r"^prompts: .* got int"),

@@ -296,6 +296,18 @@ def test_request_that_cannot_fit_the_whole_pool_is_refused():
     drive(sched, [(0, make_request(1, [1] * 10, max_tokens=3, ignore_eos=True))], max_steps=50)
 
 
+def test_a_step_that_can_schedule_nothing_is_refused_clearly():
+    """Blocks lost outside the scheduler (here: held by nobody it knows) leave requests that
+    fit the pool alone unschedulable: a clear error, not a loop of empty steps."""
+    sched = make_scheduler(block_size=4, num_blocks=4, max_model_len=16, max_num_seqs=2,
+                           max_num_batched_tokens=16)
+    sched.add_request(make_request(0, [1] * 10, max_tokens=3, ignore_eos=True))
+    sched.pool.allocate(2)  # leaked
+    with pytest.raises(RuntimeError, match=r"no request could be scheduled: 0 running, 1 waiting, "
+                                           r"2 of 4 KV blocks free"):
+        sched.schedule()
+
+
 def test_abort_all_returns_every_block():
     sched = make_scheduler(block_size=2, num_blocks=8, max_model_len=16, max_num_seqs=2,
                            max_num_batched_tokens=4)

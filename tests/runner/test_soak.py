@@ -88,8 +88,9 @@ def random_request(rng: np.random.Generator) -> tuple[str, int, list[int], Sampl
         extra["logprobs"] = int(rng.integers(0, 4))
     if rng.random() < 0.1:
         extra["prompt_logprobs"] = int(rng.integers(0, 3))
+    n, temperature = int(rng.integers(1, 3)), float(rng.choice([0.0, rng.uniform(0.2, 1.5)]))
     params = SamplingParams(
-        n=int(rng.integers(1, 3)), temperature=float(rng.choice([0.0, rng.uniform(0.2, 1.5)])),
+        n=n if temperature > 0 else 1, temperature=temperature,  # greedy n > 1 is refused, as in vLLM
         top_k=int(rng.choice([0, rng.integers(1, 60)])), top_p=float(rng.choice([1.0, rng.uniform(0.3, 1.0)])),
         min_p=float(rng.choice([0.0, 0.05])), seed=None if rng.random() < 0.5 else int(rng.integers(0, 2**32)),
         max_tokens=max_tokens, ignore_eos=bool(rng.random() < 0.5), **extra)

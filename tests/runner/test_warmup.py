@@ -37,6 +37,20 @@ def test_varied_workload_compiles_nothing_after_warmup(hf_checkpoint):
     assert compiles.count == 0
 
 
+def test_one_sequence_runner_compiles_nothing_after_warmup(hf_checkpoint):
+    """With max_num_seqs=1 a decode batch is still padded to two rows: its sampler too must
+    be warmed up."""
+    folder, _ = hf_checkpoint("qwen3_tied")
+    llm = LLM(str(folder), block_size=4, num_kv_blocks=12, max_model_len=24, max_num_seqs=1,
+              max_num_batched_tokens=8)
+    llm.warmup()
+    with CompileCounter() as compiles:
+        out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4,
+                                                                          ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert compiles.count == 0
+
+
 SCRIPT = textwrap.dedent("""
     import sys
     from runner.compilation import CompileCounter, enable_persistent_cache, persistent_cache_hits

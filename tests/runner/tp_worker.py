@@ -38,8 +38,8 @@ def generate(llm: Any) -> list[dict[str, Any]]:
     llm.reset_prefix_cache()
     outs = llm.generate(PROMPTS, sampling(), use_tqdm=False)
 
-    def entries(d: dict[int, float] | None) -> list[list[float]] | None:
-        return None if d is None else sorted([int(k), float(v)] for k, v in d.items())
+    def entries(d: dict[int, Any] | None) -> list[list[float]] | None:
+        return None if d is None else sorted([int(k), float(v.logprob)] for k, v in d.items())
 
     return [{"tokens": o.outputs[0].token_ids,
              "logprobs": [entries(d) for d in o.outputs[0].logprobs],
@@ -140,7 +140,7 @@ def distributed(spec: dict[str, Any]) -> dict[str, Any]:
         "fully_addressable": [x.is_fully_addressable for x in jax.tree.leaves(llm.runner.params)][:3],
         "outputs": generate(llm)}
     record["rpc_reset"] = llm.collective_rpc("reset_prefix_cache")
-    configs = llm.collective_rpc("update_config", ({"load_config": {"check_finite": False}},))
+    configs = llm.collective_rpc("update_config", args=({"load_config": {"check_finite": False}},))
     record["rpc_update_config"] = [c.load_config.check_finite for c in configs]
     record["rpc_reload"] = llm.collective_rpc("reload_weights")
     with CompileCounter() as c:

@@ -9,6 +9,9 @@ model says is still cached.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any
+
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -266,3 +269,146 @@ def test_free_rejects_duplicates_beyond_reference_count(blocks_to_free):
     else:
         pool.free(blocks_to_free)
         pool.check_invariants([[b for b in held if b not in counts]])
+
+
+# -- faults inside the bookkeeping ------------------------------------------------------------
+
+
+class InjectedFault(BaseException):
+    """Stands for anything that can interrupt the pool mid-operation (KeyboardInterrupt too)."""
+
+
+class FaultClock:
+    """Counts the pool's internal calls and raises at call number `at` while armed."""
+
+    def __init__(self) -> None:
+        self.at: int | None = None
+        self.calls = 0
+
+    def arm(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def disarm(self) -> None:
+        self.at = None
+
+    def tick(self) -> None:
+        if self.at is None:
+            return
+        self.calls += 1
+        if self.calls == self.at:
+            self.at = None  # one fault per operation: the recovery itself runs undisturbed
+            raise InjectedFault(f"fault at internal call {self.calls}")
+
+
+def _faulty(base: type, clock: FaultClock, methods: tuple[str, ...]) -> type:
+    """A subclass of `base` whose `methods` tick `clock` before doing their work."""
+    def wrap(name: str):
+        original = getattr(base, name)
+
+        def method(self, *args, **kwargs):
+            clock.tick()
+            return original(self, *args, **kwargs)
+        return method
+    return type(f"Faulty{base.__name__}", (base,), {m: wrap(m) for m in methods})
+
+
+LIST_OPS = ("__getitem__", "__setitem__")
+DICT_OPS = ("__getitem__", "__setitem__", "__delitem__", "__contains__", "get", "pop", "clear")
+QUEUE_OPS = DICT_OPS + ("popitem", "move_to_end", "__iter__")
+
+
+def _instrument(pool: BlockPool, clock: FaultClock) -> None:
+    """Route every read and write of the pool's structures through `clock` (again after an
+    operation that replaced a structure)."""
+    for attr, base, ops in (("ref_counts", list, LIST_OPS), ("block_hash", list, LIST_OPS),
+                            ("cached", dict, DICT_OPS), ("free_queue", OrderedDict, QUEUE_OPS)):
+        value = getattr(pool, attr)
+        if not type(value).__name__.startswith("Faulty"):
+            setattr(pool, attr, _faulty(base, clock, ops)(value))
+
+
+def _snapshot(pool: BlockPool) -> tuple:
+    return (list(pool.ref_counts), list(pool.free_queue), dict(pool.cached), list(pool.block_hash))
+
+
+fault_ops = st.lists(st.tuples(st.sampled_from(["admit", "allocate", "cache", "free", "reset"]),
+                               tokens_strategy, st.integers(0, 3), st.integers(1, 16)),
+                     min_size=1, max_size=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=fault_ops, caching=st.booleans())
+def test_a_fault_at_any_internal_call_leaves_the_pool_as_it_was(ops, caching):
+    """Whatever call inside an operation raises (a hash, a dict or list access), the operation
+    leaves reference counts, free queue, cache and the caller's hash list exactly as they were;
+    without a fault it behaves as usual. Blocks are conserved throughout."""
+    clock = FaultClock()
+    real_hash = hash_block
+
+    def ticking_hash(parent, token_ids):
+        clock.tick()
+        return real_hash(parent, token_ids)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("state.block_pool.hash_block", ticking_hash)
+        _run_with_faults(BlockPool(8, BLOCK_SIZE, caching), clock, ops)
+
+
+def _run_with_faults(pool: BlockPool, clock: FaultClock, ops: list) -> None:
+    live: list[Holder] = []
+    faults = 0
+    for op, tokens, n, at in ops:
+        holder = live[n % len(live)] if live else None
+        _instrument(pool, clock)
+        before, hashes_before = _snapshot(pool), list(holder.hashes) if holder else None
+        clock.arm(at)
+        try:
+            result = _fault_op(pool, op, tokens, n, holder)
+        except InjectedFault:
+            faults += 1
+            clock.disarm()
+            assert _snapshot(pool) == before, f"{op} changed the pool before failing"
+            if holder is not None:
+                assert holder.hashes == hashes_before, f"{op} changed the caller's hashes before failing"
+        except NoFreeBlocksError:
+            clock.disarm()
+            assert _snapshot(pool) == before
+        else:
+            clock.disarm()
+            _record(live, op, tokens, holder, result)
+        pool.check_invariants([h.blocks for h in live])
+        assert pool.num_free_blocks == 8 - len({b for h in live for b in h.blocks})
+    event(f"faults injected: {min(faults, 3)}{'+' if faults >= 3 else ''}")
+    for h in live:
+        pool.free(h.blocks)
+    pool.check_invariants([])
+    assert sorted(pool.free_queue) == list(range(8))
+
+
+def _fault_op(pool: BlockPool, op: str, tokens: list[int], n: int, holder: Holder | None) -> Any:
+    if op == "admit":
+        return pool.lookup_prefix(tokens)
+    if op == "allocate":  # the blocks of `tokens`, or `n` blocks for no tokens
+        return pool.allocate(-(-len(tokens) // BLOCK_SIZE) if tokens else n)
+    if op == "cache" and holder is not None:
+        num_full = len(holder.tokens) // BLOCK_SIZE
+        pool.cache_blocks(holder.blocks, holder.hashes, holder.tokens, num_full)
+        return None
+    if op == "free" and holder is not None:
+        pool.free(holder.blocks)
+        return None
+    if op == "reset":
+        pool.reset_prefix_cache()
+    return None
+
+
+def _record(live: list[Holder], op: str, tokens: list[int], holder: Holder | None, result: Any) -> None:
+    """What a completed operation changed in the requests' view."""
+    if op == "admit":
+        blocks, hashes = result
+        live.append(Holder(list(tokens[:len(blocks) * BLOCK_SIZE]), blocks, hashes, len(blocks)))
+    elif op == "allocate":
+        live.append(Holder(list(tokens[:len(result) * BLOCK_SIZE]), result, [], 0))
+    elif op == "free" and holder is not None:
+        live.remove(holder)
+

@@ -130,7 +130,8 @@ def test_from_pretrained_reads_llama3_rope_in_both_spellings(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"architectures": ["Gemma2ForCausalLM"]}, "unsupported architectures"),
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, "unsupported architectures"),
+    ({"attention_bias": True}, "attention_bias=true"),
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling type 'yarn'"),
@@ -154,3 +155,29 @@ def test_missing_config_json_is_named(tmp_path):
 def test_config_round_trips_through_hf_dict():
     cfg = _model(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), eos_token_ids=(2,))
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"eos_token_ids": (2, 97)}, r"ModelConfig\.eos_token_ids: token id 97 is outside the vocabulary "
+                                 r"\[0, 97\)"),
+    ({"eos_token_ids": (2**40,)}, r"ModelConfig\.eos_token_ids: token id 1099511627776 is outside"),
+    ({"bos_token_id": 97}, r"ModelConfig\.bos_token_id: token id 97 is outside the vocabulary \[0, 97\)"),
+])
+def test_token_ids_outside_the_vocabulary_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        _model(**fields)
+    _model(eos_token_ids=(0, 96), bos_token_id=96)  # the vocabulary's first and last ids are fine
+
+
+def test_token_ids_are_checked_against_the_vocabulary_on_every_path(tmp_path):
+    with pytest.raises(ValueError, match=r"ModelConfig\.eos_token_ids: token id 1099511627776 is outside "
+                                         r"the vocabulary \[0, 97\)"):
+        ModelConfig.from_pretrained(_write(tmp_path, eos_token_id=2**40))
+    config = _config()
+    with pytest.raises(ValueError, match=r"ModelConfig\.eos_token_ids: token id 200 is outside"):
+        update_config(config, {"model_config": {"eos_token_ids": [2, 200]}})
+    shrunk = update_config(config, {"model_config": {"eos_token_ids": [50]}})
+    with pytest.raises(ValueError, match=r"ModelConfig\.eos_token_ids: token id 50 is outside the "
+                                         r"vocabulary \[0, 40\)"):
+        update_config(shrunk, {"model_config": {"vocab_size": 40}})
+    assert config.model_config.eos_token_ids == ()

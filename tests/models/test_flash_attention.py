@@ -1,0 +1,184 @@
+"""The tiled general-batch attention of the pallas backend against the reference backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import attention, flash_attention, pallas_attention
+from state.batch import Batch, bucket
+from state.kv_cache import KVCache
+
+S, P, Dh = 4, 41, 16
+ONE = jnp.float32(1.0)
+
+
+def _caches(K: int, rng: np.random.Generator, dtype: jnp.dtype) -> tuple[KVCache, KVCache]:
+    """The same random contents in both layouts: reference [P,S,K,Dh], pallas [K,P,S,Dh]."""
+    k = jnp.asarray(rng.standard_normal((P, S, K, Dh)), dtype)
+    v = jnp.asarray(rng.standard_normal((P, S, K, Dh)), dtype)
+    return KVCache(k, v), KVCache(k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3))
+
+
+def general_batch(spans: list[tuple[int, int]], rng: np.random.Generator,
+                  min_tokens: int = 8) -> Batch:
+    """A general batch laid out as `prepare_batch` lays it out: per sequence (start, end),
+    its tokens start..end-1 and its context blocks 0..ceil(end/S)-1, drawn from the pool
+    out of order; token and block counts padded to their buckets."""
+    T = bucket(sum(e - s for s, e in spans), min_tokens)
+    N = bucket(sum(-(-e // S) for _, e in spans))
+    pool = iter(rng.permutation(P).tolist())
+    positions, token_seq = np.zeros(T, np.int32), np.full(T, -1, np.int32)
+    ids, block_seq, block_pos = np.zeros(N, np.int32), np.full(N, -2, np.int32), np.zeros(N, np.int32)
+    t = n = 0
+    for i, (start, end) in enumerate(spans):
+        positions[t:t + end - start] = np.arange(start, end)
+        token_seq[t:t + end - start] = i
+        nb = -(-end // S)
+        ids[n:n + nb] = [next(pool) for _ in range(nb)]
+        block_seq[n:n + nb] = i
+        block_pos[n:n + nb] = np.arange(nb) * S
+        t, n = t + end - start, n + nb
+    return Batch(token_ids=np.zeros(T, np.int32), positions=positions,
+                 slot_mapping=np.full(T, -1, np.int32), logits_indices=np.zeros(1, np.int32),
+                 token_seq=token_seq, key_block_ids=ids, key_block_seq=block_seq,
+                 key_block_pos=block_pos)
+
+
+# Three prompts of different lengths, one of them a chunk whose first 9 positions are cached,
+# and a single-token continuation: every kind of sequence a general step holds.
+SPANS = [(0, 13), (9, 18), (0, 3), (30, 31)]
+
+
+def _compare(H: int, K: int, dtype: jnp.dtype, spans: list[tuple[int, int]], seed: int,
+             **tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ref_cache, pal_cache = _caches(K, rng, dtype)
+    batch = general_batch(spans, rng)
+    T = batch.token_seq.shape[0]
+    q = jnp.asarray(rng.standard_normal((T, H, Dh)), dtype)
+    expected = attention.flat_attention(q, ref_cache, batch, ONE, ONE)
+    got = jax.jit(lambda q, c, b: flash_attention.flash_attention(q, c, b, ONE, ONE, **tiles))(
+        q, pal_cache, batch)
+    live = batch.token_seq >= 0
+    return (np.asarray(got.astype(jnp.float32))[live], np.asarray(expected.astype(jnp.float32))[live])
+
+
+@pytest.mark.parametrize("H, K", [(4, 4), (6, 2), (8, 1)])
+@pytest.mark.parametrize("tiles", [{}, {"q_tile": 8, "key_tile_keys": 8}], ids=["default", "small"])
+def test_float32_matches_reference(H, K, tiles):
+    got, expected = _compare(H, K, jnp.float32, SPANS, seed=H + K, **tiles)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H, K", [(4, 2), (8, 8)])
+def test_bfloat16_matches_reference(H, K):
+    # Both compute in float32 from the same bfloat16 inputs: the outputs differ by the final
+    # rounding to bfloat16 at most.
+    got, expected = _compare(H, K, jnp.bfloat16, SPANS, seed=7, q_tile=8, key_tile_keys=8)
+    np.testing.assert_allclose(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_one_long_prompt_chunked_across_query_tiles():
+    got, expected = _compare(6, 3, jnp.float32, [(20, 64), (0, 5)], seed=3, q_tile=8, key_tile_keys=8)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _largest_intermediate(jaxpr: Any) -> int:
+    """Elements of the largest array any equation (inner loop bodies too) produces."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(inner, "jaxpr", inner)  # closed jaxprs wrap the jaxpr
+                if hasattr(inner, "eqns"):
+                    largest = max(largest, _largest_intermediate(inner))
+    return largest
+
+
+def test_never_builds_scores_over_all_listed_keys():
+    rng = np.random.default_rng(0)
+    H, K = 4, 2
+    _, pal_cache = _caches(K, rng, jnp.float32)
+    batch = general_batch([(0, 40), (0, 24), (10, 30)], rng)
+    T, N = batch.token_seq.shape[0], batch.key_block_ids.shape[0]
+    q = jnp.zeros((T, H, Dh), jnp.float32)
+    fn = lambda q, c, b: flash_attention.flash_attention(q, c, b, ONE, ONE, q_tile=8, key_tile_keys=8)
+    closed = jax.make_jaxpr(fn)(q, pal_cache, batch)
+    all_scores = H * T * N * S
+    # The largest arrays are one step's scores (H * T * 8 keys) and the output (H * T * Dh):
+    # a quarter of the scores over all N*S listed keys here.
+    largest = _largest_intermediate(closed.jaxpr)
+    assert largest <= max(H * T * 8, H * T * Dh) <= all_scores // 4
+
+
+def test_query_tiles_skip_blocks_of_other_sequences():
+    rng = np.random.default_rng(1)
+    # Eight sequences of 8 tokens, 2 blocks each: a tile of 8 tokens reads only its own 2
+    # blocks (1 key tile of 2 blocks), not all 16 listed blocks (8 key tiles).
+    batch = general_batch([(0, 8)] * 8, rng)
+    runs = jax.device_get(flash_attention.tile_runs(jax.tree.map(jnp.asarray, batch), tq=8, key_tile=2))
+    assert int(runs.steps) == 1
+    np.testing.assert_array_equal(runs.lo, np.arange(8) * 2)
+    np.testing.assert_array_equal(runs.hi - runs.lo, np.full(8, 2))
+
+
+def test_causal_run_stops_at_the_last_position_of_the_tile():
+    rng = np.random.default_rng(2)
+    batch = general_batch([(0, 32)], rng)  # 32 tokens, 8 blocks, 4 tiles of 8 tokens
+    runs = jax.device_get(flash_attention.tile_runs(jax.tree.map(jnp.asarray, batch), tq=8, key_tile=2))
+    np.testing.assert_array_equal(runs.hi, [2, 4, 6, 8])  # tile i sees blocks 0..2i+1
+    assert int(runs.steps) == 4
+
+
+@pytest.mark.parametrize("H, K", [(4, 4), (6, 2)])
+def test_decode_through_the_tiled_path_matches_reference(H, K):
+    rng = np.random.default_rng(H * 10 + K)
+    ref_cache, pal_cache = _caches(K, rng, jnp.float32)
+    lens = np.array([1, 7, 13, 16, 0, 3, 9, 2], np.int32)
+    B, Nb = len(lens), 4
+    tables = rng.permutation(P)[:B * Nb].reshape(B, Nb).astype(np.int32)
+    batch = Batch(token_ids=np.zeros(B, np.int32), positions=np.maximum(lens - 1, 0),
+                  slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
+                  block_tables=tables, seq_lens=lens)
+    q = jnp.asarray(rng.standard_normal((B, H, Dh)).astype(np.float32))
+    expected = attention.paged_attention(q, ref_cache, batch, ONE, ONE)
+    general = pallas_attention.decode_as_general(jax.tree.map(jnp.asarray, batch), S)
+    got = flash_attention.flash_attention(q, pal_cache, general, ONE, ONE, q_tile=8, key_tile_keys=8)
+    live = lens > 0
+    np.testing.assert_allclose(np.asarray(got)[live], np.asarray(expected)[live], atol=1e-5)
+
+
+def test_kernel_sizes_on_gpu():
+    assert pallas_attention.kernel_runs(12, 4, "cpu")
+    assert pallas_attention.kernel_runs(128, 16, "gpu")
+    assert not pallas_attention.kernel_runs(12, 16, "gpu")
+    assert not pallas_attention.kernel_runs(128, 8, "gpu")
+
+
+def test_llm_from_params_pallas_matches_reference_with_chunked_prefill():
+    from runner import LLM, SamplingParams
+    from runner.loader import dummy_params
+    from state.config import ModelConfig
+    cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=101, hidden_size=48,
+                      intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                      max_position_embeddings=128, initializer_range=0.3)
+    params = dummy_params(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    # A 40-token prompt does not fit a 16-token step: it is prefilled in chunks, next to
+    # shorter prompts.
+    prompts = [{"prompt_token_ids": rng.integers(0, 101, n).tolist()} for n in (40, 5, 11)]
+    sampling = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outs = {}
+    for backend in ("reference", "pallas"):
+        llm = LLM(model_config=cfg, params=params, attention_backend=backend, block_size=4,
+                  num_kv_blocks=64, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
+        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, sampling, use_tqdm=False)]
+    assert outs["pallas"] == outs["reference"]
