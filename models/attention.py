@@ -12,6 +12,7 @@ Two readers share the layout:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,33 @@ from state.kv_cache import KVCache
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
 # A finite mask value keeps fully masked padding rows free of NaN.
 MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+class AttentionSpec(NamedTuple):
+    """The static maths of one layer's attention (hashable: a compile-time constant)."""
+
+    scale: float  # scores = q.k * scale
+    softcap: float | None = None  # scores = softcap * tanh(scores / softcap) (Gemma 2)
+    window: int | None = None  # a query at p sees keys at p - window < position <= p
+
+
+def default_spec(head_dim: int) -> AttentionSpec:
+    return AttentionSpec(scale=head_dim ** -0.5)
+
+
+def capped(scores: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """Scaled scores, soft-capped where the layer caps them."""
+    if spec.softcap is None:
+        return scores
+    return spec.softcap * jnp.tanh(scores / spec.softcap)
+
+
+def in_window(key_pos: jax.Array, query_pos: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """Causal visibility of keys to queries (broadcast shapes), within the layer's window."""
+    visible = key_pos <= query_pos
+    if spec.window is not None:
+        visible = visible & (key_pos > query_pos - spec.window)
+    return visible
 
 
 def quantise(x: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -63,7 +91,8 @@ def gather_blocks(pages: jax.Array, block_ids: jax.Array, scale: jax.Array) -> j
 
 
 def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
-                   v_scale: jax.Array, gather: Callable = gather_blocks) -> jax.Array:
+                   v_scale: jax.Array, gather: Callable = gather_blocks,
+                   spec: AttentionSpec | None = None) -> jax.Array:
     """Causal attention of `q: [T, H, Dh]` over the cached context of each token's sequence.
 
     Reads the N blocks the batch lists once, then masks by owner sequence and position, so
@@ -71,6 +100,7 @@ def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arra
     blocks as `[N, S, K, Dh]` float32 from the backend's layout.
     """
     T, H, Dh = q.shape
+    spec = spec or default_spec(Dh)
     N = batch.key_block_ids.shape[0]
     keys = gather(cache.k, batch.key_block_ids, k_scale)  # [N, S, K, Dh]
     values = gather(cache.v, batch.key_block_ids, v_scale)
@@ -78,11 +108,11 @@ def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arra
     keys, values = keys.reshape(N * S, K, Dh), values.reshape(N * S, K, Dh)
     key_pos = (batch.key_block_pos[:, None] + jnp.arange(S, dtype=jnp.int32)).reshape(N * S)
     key_seq = jnp.repeat(batch.key_block_seq, S)
-    visible = (key_seq[None, :] == batch.token_seq[:, None]) & (
-        key_pos[None, :] <= batch.positions[:, None])  # [T, N*S]
+    visible = (key_seq[None, :] == batch.token_seq[:, None]) & in_window(
+        key_pos[None, :], batch.positions[:, None], spec)  # [T, N*S]
 
     qg = q.astype(jnp.float32).reshape(T, K, H // K, Dh)
-    scores = jnp.einsum("tkgd,nkd->kgtn", qg, keys) * (Dh ** -0.5)
+    scores = capped(jnp.einsum("tkgd,nkd->kgtn", qg, keys) * spec.scale, spec)
     scores = jnp.where(visible[None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("kgtn,nkd->tkgd", probs, values)
@@ -90,20 +120,22 @@ def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arra
 
 
 def decode_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
-                     v_scale: jax.Array) -> jax.Array:
+                     v_scale: jax.Array, spec: AttentionSpec | None = None) -> jax.Array:
     """Attention of one query per sequence, `q: [B, H, Dh]`, over its first seq_lens keys.
 
     Written as broadcast-multiply-and-sum rather than einsum: XLA's CPU backend fuses it
     with the block gather, where a batched dot of G x Dh by Dh x N runs about 2x slower.
     """
     B, H, Dh = q.shape
+    spec = spec or default_spec(Dh)
     _, S, K, _ = cache.k.shape
     Nb = batch.block_tables.shape[1]
     keys = gather_blocks(cache.k, batch.block_tables, k_scale).reshape(B, Nb * S, K, 1, Dh)
     values = gather_blocks(cache.v, batch.block_tables, v_scale).reshape(B, Nb * S, K, 1, Dh)
     qg = q.astype(jnp.float32).reshape(B, 1, K, H // K, Dh)
-    scores = (qg * keys).sum(-1) * (Dh ** -0.5)  # [B, Nb*S, K, G]
-    visible = jnp.arange(Nb * S)[None, :] < batch.seq_lens[:, None]  # [B, Nb*S]
+    scores = capped((qg * keys).sum(-1) * spec.scale, spec)  # [B, Nb*S, K, G]
+    # The query is each sequence's last position, seq_lens - 1.
+    visible = in_window(jnp.arange(Nb * S)[None, :], batch.seq_lens[:, None] - 1, spec)  # [B, Nb*S]
     scores = jnp.where(visible[:, :, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=1)
     out = (probs[..., None] * values).sum(1)  # [B, K, G, Dh]
@@ -111,8 +143,8 @@ def decode_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Ar
 
 
 def paged_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
-                    v_scale: jax.Array) -> jax.Array:
+                    v_scale: jax.Array, spec: AttentionSpec | None = None) -> jax.Array:
     """The reader the batch was prepared for (its structure is static under jit)."""
     if batch.is_decode:
-        return decode_attention(q, cache, batch, k_scale, v_scale)
-    return flat_attention(q, cache, batch, k_scale, v_scale)
+        return decode_attention(q, cache, batch, k_scale, v_scale, spec)
+    return flat_attention(q, cache, batch, k_scale, v_scale, spec=spec)

@@ -1,8 +1,8 @@
 """The tables between Hugging Face checkpoint names and parameter-tree leaves.
 
 One shared table serves every family; each family adds its own entries beside it
-(`FAMILY_TABLES`): Qwen2's q/k/v biases, the experts of Qwen3-MoE and Mixtral, the fused
-`qkv_proj`/`gate_up_proj` of Phi-3. A checkpoint name resolves to one or more `Piece`s:
+(`FAMILY_TABLES`): Qwen2's q/k/v biases, the experts of Qwen3-MoE and Mixtral, Gemma's
+four norms per layer, the fused `qkv_proj`/`gate_up_proj` of Phi-3. A checkpoint name resolves to one or more `Piece`s:
 a leaf, a row range of the checkpoint tensor (fused tensors) and an expert slot (stacked
 `[E, ...]` expert leaves). HF linear weights are `[out, in]`; the tree stores `[in, out]`,
 so they are transposed once at load time (and back at export). Nothing else in the
@@ -63,7 +63,15 @@ PHI3_FUSED: dict[str, tuple[str, ...]] = {
     _L + r"self_attn\.qkv_proj\.weight": ("wq", "wk", "wv"),
     _L + r"mlp\.gate_up_proj\.weight": ("w_gate", "w_up"),
 }
-FAMILY_TABLES: dict[str, tuple[Entry, ...]] = {"Qwen3MoeForCausalLM": QWEN3_MOE, "MixtralForCausalLM": MIXTRAL}
+# Gemma's four norms per layer: `post_attention_layernorm` normalises the attention output
+# (not the MLP input, as in the shared table); the MLP input is `pre_feedforward_layernorm`.
+GEMMA: tuple[Entry, ...] = (
+    (_L + r"post_attention_layernorm\.weight", "layers.{}.attn_post_norm", False),
+    (_L + r"pre_feedforward_layernorm\.weight", "layers.{}.mlp_norm", False),
+    (_L + r"post_feedforward_layernorm\.weight", "layers.{}.mlp_post_norm", False),
+)
+FAMILY_TABLES: dict[str, tuple[Entry, ...]] = {"Qwen3MoeForCausalLM": QWEN3_MOE, "MixtralForCausalLM": MIXTRAL,
+                                               "Gemma2ForCausalLM": GEMMA, "Gemma3ForCausalLM": GEMMA}
 
 # Leaves a checkpoint may omit: FP8 KV scales default to 1.0 (only FP8-KV checkpoints carry them).
 OPTIONAL_LEAF_SUFFIXES = (".k_scale", ".v_scale")
@@ -83,7 +91,11 @@ class Piece(NamedTuple):
 
 
 def _table(cfg: ModelConfig) -> tuple[Entry, ...]:
-    entries = SHARED + (BIASES if cfg.attention_bias else ()) + FAMILY_TABLES.get(cfg.architecture, ())
+    family = FAMILY_TABLES.get(cfg.architecture, ())
+    # A family entry replaces the shared one of the same checkpoint name or leaf.
+    replaced = {e[0] for e in family} | {e[1] for e in family}
+    shared = tuple(e for e in SHARED if e[0] not in replaced and e[1] not in replaced)
+    entries = shared + (BIASES if cfg.attention_bias else ()) + family
     if cfg.architecture == "Phi3ForCausalLM":  # only the fused spellings exist there
         fused = {leaf for leaves in PHI3_FUSED.values() for leaf in leaves}
         entries = tuple(e for e in entries if e[1].rsplit(".", 1)[-1] not in fused)

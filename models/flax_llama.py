@@ -32,9 +32,10 @@ def _norm(n: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, window: int | None = None) -> None:
         D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg = cfg
+        self.window = window  # sliding-window layers (Mistral, Qwen2 when enabled)
         self.q_proj = _linear(D, H * Dh, cfg, rngs, cfg.attention_bias)
         self.k_proj = _linear(D, K * Dh, cfg, rngs, cfg.attention_bias)
         self.v_proj = _linear(D, K * Dh, cfg, rngs, cfg.attention_bias)
@@ -54,7 +55,8 @@ class Attention(nnx.Module):
         # apply_rope rotates [T, heads, Dh] with [T, Dh] tables: fold the batch into T.
         q = apply_rope(q.reshape(B * L, H, Dh), cos, sin).reshape(B, L, H, Dh)
         k = apply_rope(k.reshape(B * L, K, Dh), cos, sin).reshape(B, L, K, Dh)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, L, H, Dh]
+        window = None if self.window is None else (self.window - 1, 0)  # keys p - window < k <= p
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)  # [B, L, H, Dh]
         return self.o_proj(out.reshape(B, L, H * Dh))
 
 
@@ -91,7 +93,7 @@ class MoE(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> None:
         self.input_layernorm = _norm(cfg.hidden_size, cfg, rngs)
-        self.self_attn = Attention(cfg, rngs)
+        self.self_attn = Attention(cfg, rngs, cfg.window(layer))
         self.post_attention_layernorm = _norm(cfg.hidden_size, cfg, rngs)
         self.mlp = MoE(cfg, rngs) if cfg.is_sparse(layer) else MLP(cfg, rngs)
 
@@ -104,6 +106,9 @@ class CausalLM(nnx.Module):
     """`model(token_ids [B, L]) -> logits [B, L, V]` float32."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        if cfg.gemma:
+            raise ValueError(f"the Flax NNX training model does not implement {cfg.architecture} (Gemma's "
+                             "norms, soft-capping and local RoPE); it serves from the runner and exports only")
         self.cfg = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
                                       embedding_init=nnx.initializers.normal(cfg.initializer_range),

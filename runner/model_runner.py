@@ -42,10 +42,10 @@ def _forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, c
     return hidden, kv_cache
 
 
-@functools.partial(jax.jit, static_argnames=("flags", "out_sharding"))
+@functools.partial(jax.jit, static_argnames=("flags", "logit_cap", "out_sharding"))
 def _sample_step(params: Params, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags,
-                 out_sharding: Any):
-    return _constrain(sample(compute_logits(params, rows), meta, flags), out_sharding)
+                 logit_cap: float | None, out_sharding: Any):
+    return _constrain(sample(compute_logits(params, rows, logit_cap), meta, flags), out_sharding)
 
 
 @jax.jit
@@ -54,9 +54,10 @@ def select_rows(hidden: jax.Array, logits_indices: jax.Array) -> jax.Array:
     return hidden[logits_indices]
 
 
-@functools.partial(jax.jit, static_argnames=("out_sharding",))
-def _prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, out_sharding: Any):
-    return _constrain(prompt_logprobs(compute_logits(params, hidden), next_ids), out_sharding)
+@functools.partial(jax.jit, static_argnames=("logit_cap", "out_sharding"))
+def _prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, logit_cap: float | None,
+                          out_sharding: Any):
+    return _constrain(prompt_logprobs(compute_logits(params, hidden, logit_cap), next_ids), out_sharding)
 
 
 def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
@@ -67,15 +68,19 @@ def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cf
                          kv_shardings=_named_shardings(kv_cache))
 
 
-def sample_step(params: Params, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags):
+def sample_step(params: Params, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags,
+                logit_cap: float | None):
     """Sampled tokens and log-probabilities for `rows: [B, D]` hidden states, replicated on
-    every device of the weights' mesh, so that every process can read them back."""
-    return _sample_step(params, rows, meta, flags=flags, out_sharding=_replicated_like(params))
+    every device of the weights' mesh, so that every process can read them back.
+    `logit_cap`: the model's `final_logit_softcapping`."""
+    return _sample_step(params, rows, meta, flags=flags, logit_cap=logit_cap,
+                        out_sharding=_replicated_like(params))
 
 
-def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array):
+def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, logit_cap: float | None):
     """Prompt log-probabilities of every scheduled token, replicated like `sample_step`'s."""
-    return _prompt_logprobs_step(params, hidden, next_ids, out_sharding=_replicated_like(params))
+    return _prompt_logprobs_step(params, hidden, next_ids, logit_cap=logit_cap,
+                                 out_sharding=_replicated_like(params))
 
 
 def _constrain(tree: Any, placement: NamedSharding | None) -> Any:
@@ -197,10 +202,12 @@ class ModelRunner:
         return hidden
 
     def run_sampler(self, rows: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Any:
-        return sample_step(self._state.params, rows, meta, flags)
+        return sample_step(self._state.params, rows, meta, flags,
+                           self._state.config.model_config.final_logit_softcapping)
 
     def run_prompt_logprobs(self, hidden: jax.Array, next_ids: Any) -> Any:
-        return prompt_logprobs_step(self._state.params, hidden, next_ids)
+        return prompt_logprobs_step(self._state.params, hidden, next_ids,
+                                    self._state.config.model_config.final_logit_softcapping)
 
     def execute_model(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         """Run one scheduled step: write its KV, sample the next token of finished prefills

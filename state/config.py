@@ -157,9 +157,15 @@ MODEL_TYPES = {
     "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral", "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral", "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+# Gemma: (1 + w) RMSNorm, embeddings times sqrt(hidden_size), GeGLU, norms after attention
+# and MLP too, soft-capping; Gemma 3 adds q/k norm and a RoPE base of its own on local layers.
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
@@ -227,9 +233,18 @@ class ModelConfig:
     rms_norm_eps: float = _f(Effect.RECOMPILE, 1e-6)
     rope_theta: float = _f(Effect.RECOMPILE, 10000.0)
     rope_scaling: RopeScaling | None = _f(Effect.RECOMPILE, None, "llama3 scaling or None")
+    rope_linear_factor: float | None = _f(Effect.RECOMPILE, None, "linear RoPE scaling: frequencies / factor")
+    rope_local_theta: float | None = _f(Effect.RECOMPILE, None,
+                                        "RoPE base of sliding-window layers, unscaled (Gemma 3); None: rope_theta")
+    hidden_act: str = _f(Effect.RECOMPILE, "silu", "MLP gate activation: silu or gelu_pytorch_tanh (Gemma)")
+    layer_types: tuple[str, ...] | None = _f(Effect.RECOMPILE, None,
+                                             "full_attention | sliding_attention per layer; None: all sliding")
+    query_pre_attn_scalar: float | None = _f(Effect.RECOMPILE, None, "attention scale 1/sqrt(this); None: head_dim")
+    attn_logit_softcapping: float | None = _f(Effect.RECOMPILE, None, "cap * tanh(score / cap) (Gemma 2)")
+    final_logit_softcapping: float | None = _f(Effect.RECOMPILE, None, "cap * tanh(logit / cap) (Gemma 2)")
     attention_bias: bool = _f(Effect.RESTART, False, "q/k/v projections carry biases (Qwen2)")
     sliding_window: int | None = _f(Effect.RECOMPILE, None,
-                                    "attention window; served only when None or >= max_model_len")
+                                    "keys within this many positions of the query (layers layer_types marks)")
     moe: MoeConfig | None = _f(Effect.RESTART, None, "experts of the sparse layers; None: dense")
     model: str | None = _f(Effect.RELOAD, None, "checkpoint folder (HF layout or orbax)")
     max_position_embeddings: int = _f(Effect.NONE, 4096)
@@ -262,6 +277,18 @@ class ModelConfig:
         _require(isinstance(self.attention_bias, bool), name, "attention_bias",
                  f"expected a bool, got {self.attention_bias!r}")
         _check_positive_int(name, "sliding_window", self.sliding_window, allow_none=True)
+        _require(self.hidden_act in ACTIVATIONS, name, "hidden_act",
+                 f"unsupported {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        _require(self.layer_types is None or (
+            isinstance(self.layer_types, tuple) and len(self.layer_types) == self.num_hidden_layers
+            and all(t in LAYER_TYPES for t in self.layer_types)), name, "layer_types",
+            f"expected None or a tuple of {self.num_hidden_layers} of {', '.join(LAYER_TYPES)}, "
+            f"got {self.layer_types!r}")
+        for f in ("rope_linear_factor", "rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
+                  "final_logit_softcapping"):
+            value = getattr(self, f)
+            _require(value is None or (_is_finite_number(value) and value > 0), name, f,
+                     f"expected None or a positive finite number, got {value!r}")
         _require(self.moe is None or isinstance(self.moe, MoeConfig), name, "moe",
                  f"expected MoeConfig or None, got {self.moe!r}")
         is_moe_arch = self.architecture in MOE_ARCHITECTURES
@@ -284,8 +311,18 @@ class ModelConfig:
 
     @property
     def qk_norm(self) -> bool:
-        """Qwen3 normalises each query and key head before RoPE; Llama does not."""
-        return self.architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+        """Qwen3 and Gemma 3 normalise each query and key head before RoPE; Llama does not."""
+        return self.architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
+
+    @property
+    def gemma(self) -> bool:
+        return self.architecture in GEMMA_ARCHITECTURES
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of `layer`: None for full attention."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def is_sparse(self, layer: int) -> bool:
         """Whether `layer`'s MLP is the mixture of experts."""
@@ -333,10 +370,7 @@ class ModelConfig:
         _reject_unimplemented(hf, archs[0])
         try:
             hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-            rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-            if not isinstance(rope, Mapping):
-                raise ValueError(f"config.json field 'rope_parameters'/'rope_scaling': expected an object, "
-                                 f"got {rope!r}")
+            rope, local_theta = _rope_sections(hf, archs[0])
             if dtype == "auto":
                 dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
             eos = hf.get("eos_token_id")
@@ -353,14 +387,19 @@ class ModelConfig:
                 num_key_value_heads=hf.get("num_key_value_heads") or heads,
                 head_dim=hf.get("head_dim") or derived_head_dim,
                 # Not bool(): the string "false" is truthy and would tie the embeddings.
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                tie_word_embeddings=hf.get("tie_word_embeddings", archs[0] in GEMMA_ARCHITECTURES),
                 dtype=dtype,
                 rms_norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
-                rope_theta=_hf_float(rope, "rope_theta", _hf_float(hf, "rope_theta", 10000.0)),
+                rope_theta=_hf_float(rope, "rope_theta", _hf_float(
+                    hf, "rope_theta", 1e6 if archs[0] == "Gemma3ForCausalLM" else 10000.0)),
                 rope_scaling=_rope_scaling(rope),
+                rope_linear_factor=_rope_linear(rope),
+                rope_local_theta=local_theta,
+                layer_types=_layer_types(hf, archs[0]),
+                **_gemma_fields(hf, archs[0]),
                 # Qwen2's config has no such field: its q/k/v projections always carry biases.
                 attention_bias=archs[0] == "Qwen2ForCausalLM",
-                sliding_window=_sliding_window(hf),
+                sliding_window=_sliding_window(hf, archs[0]),
                 moe=_moe(hf, archs[0]),
                 model=model,
                 max_position_embeddings=hf.get("max_position_embeddings", 4096),
@@ -376,6 +415,11 @@ class ModelConfig:
         rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:
             rope = {**rope, "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        if self.rope_linear_factor is not None:
+            rope = {**rope, "rope_type": "linear", "factor": self.rope_linear_factor}
+        if self.rope_local_theta is not None:  # Gemma 3: per layer type
+            rope = {"full_attention": rope,
+                    "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
         eos: int | list[int] | None = (None if not self.eos_token_ids else
                                        self.eos_token_ids[0] if len(self.eos_token_ids) == 1
                                        else list(self.eos_token_ids))
@@ -390,7 +434,8 @@ class ModelConfig:
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
+            "hidden_activation": self.hidden_act,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope,
@@ -403,6 +448,11 @@ class ModelConfig:
             "attention_bias": self.attention_bias,
             "sliding_window": self.sliding_window,
             "use_sliding_window": self.sliding_window is not None,
+            **({} if self.layer_types is None else {"layer_types": list(self.layer_types)}),
+            **({} if not self.gemma else {
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "attn_logit_softcapping": self.attn_logit_softcapping,
+                "final_logit_softcapping": self.final_logit_softcapping}),
             "dtype": self.dtype,
             "torch_dtype": self.dtype,  # the key transformers 4.x reads
         }
@@ -411,7 +461,16 @@ class ModelConfig:
 def _reject_unimplemented(hf: Mapping[str, Any], architecture: str) -> None:
     """Fail on config features that would silently change the model if ignored."""
     problems = []
-    if hf.get("hidden_act", "silu") != "silu":
+    if architecture in GEMMA_ARCHITECTURES:
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            problems.append(f"hidden_activation={act!r} (only 'gelu_pytorch_tanh')")
+        if hf.get("use_bidirectional_attention"):
+            problems.append("use_bidirectional_attention=true")
+        if architecture == "Gemma3ForCausalLM" and hf.get("attn_logit_softcapping") is not None:
+            # transformers' Gemma 3 reads the field but never caps its scores: ambiguous.
+            problems.append("attn_logit_softcapping on Gemma 3 (transformers does not apply it)")
+    elif hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true")
@@ -441,16 +500,82 @@ def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _sliding_window(hf: Mapping[str, Any]) -> int | None:
+def _sliding_window(hf: Mapping[str, Any], architecture: str) -> int | None:
     """The attention window the checkpoint uses, None for full attention.
 
     Qwen2 and Qwen3 carry a `sliding_window` they use only with `use_sliding_window`;
-    Mistral, Mixtral and Phi-3 use theirs whenever it is set.
+    Mistral, Mixtral and Phi-3 use theirs whenever it is set; Gemma always (4096 unless set).
     """
+    if architecture in GEMMA_ARCHITECTURES:
+        return hf.get("sliding_window", 4096)
     flag = hf.get("use_sliding_window")
     if flag is False or (flag is None and "use_sliding_window" in hf):
         return None
     return hf.get("sliding_window")
+
+
+def _layer_types(hf: Mapping[str, Any], architecture: str) -> tuple[str, ...] | None:
+    """Which layers use the window, as transformers derives them: `layer_types` when
+    config.json has it; else Qwen2/Qwen3 slide from layer `max_window_layers` on, Gemma 2
+    alternates (even layers slide), Gemma 3 makes every `sliding_window_pattern`-th layer
+    (default 6) global. The other families window every layer (None) when they have a window."""
+    if (architecture not in GEMMA_ARCHITECTURES + ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+            or _sliding_window(hf, architecture) is None):
+        return None
+    n = hf.get("num_hidden_layers")
+    if isinstance(hf.get("layer_types"), list):
+        return tuple(hf["layer_types"])
+    if not _is_int(n):
+        return None  # the record's validation names the bad layer count
+    if architecture in GEMMA_ARCHITECTURES:
+        pattern = 2 if architecture == "Gemma2ForCausalLM" else hf.get("sliding_window_pattern", 6)
+        if not _is_int(pattern) or pattern <= 0:
+            raise ValueError(f"config.json field 'sliding_window_pattern': expected a positive int, got {pattern!r}")
+        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n))
+    first = hf.get("max_window_layers", 28)
+    if not _is_int(first):
+        raise ValueError(f"config.json field 'max_window_layers': expected an int, got {first!r}")
+    return tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
+
+
+def _rope_sections(hf: Mapping[str, Any], architecture: str) -> tuple[Mapping[str, Any], float | None]:
+    """(RoPE parameters of the global layers, RoPE base of the local ones or None).
+
+    Gemma 3 gives its sliding layers their own unscaled RoPE: transformers 5 writes
+    `rope_parameters` per layer type, older configs `rope_local_base_freq` (default 10000).
+    """
+    params = hf.get("rope_parameters")
+    rope = params or hf.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise ValueError(f"config.json field 'rope_parameters'/'rope_scaling': expected an object, got {rope!r}")
+    if architecture != "Gemma3ForCausalLM":
+        return rope, None
+    if isinstance(params, Mapping) and ("full_attention" in params or "sliding_attention" in params):
+        rope, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        if not isinstance(rope, Mapping) or not isinstance(local, Mapping):
+            raise ValueError(f"config.json field 'rope_parameters': expected objects per layer type, got {params!r}")
+        if _rope_kind(local) != "default":
+            raise ValueError(f"unsupported rope scaling type {_rope_kind(local)!r} on sliding_attention layers; "
+                             "supported there: 'default'")
+        return rope, _hf_float(local, "rope_theta", 10000.0, "rope_parameters.sliding_attention")
+    return rope, _hf_float(hf, "rope_local_base_freq", 10000.0)
+
+
+def _gemma_fields(hf: Mapping[str, Any], architecture: str) -> dict[str, Any]:
+    """Gemma's activation, attention scale and soft-caps (transformers' defaults where
+    config.json leaves a field out; null turns a cap off)."""
+    if architecture not in GEMMA_ARCHITECTURES:
+        return {}
+    gemma2 = architecture == "Gemma2ForCausalLM"
+
+    def number(key: str, default: float | None) -> float | None:
+        value = hf.get(key, default)
+        return None if value is None else _hf_float(hf, key, default)
+
+    return dict(hidden_act=hf.get("hidden_activation") or "gelu_pytorch_tanh",
+                query_pre_attn_scalar=number("query_pre_attn_scalar", 256.0),
+                attn_logit_softcapping=number("attn_logit_softcapping", 50.0 if gemma2 else None),
+                final_logit_softcapping=number("final_logit_softcapping", 30.0 if gemma2 else None))
 
 
 def _moe(hf: Mapping[str, Any], architecture: str) -> MoeConfig | None:
@@ -483,13 +608,27 @@ def _moe_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
             "decoder_sparse_step": m.decoder_sparse_step, "mlp_only_layers": list(m.mlp_only_layers)}
 
 
-def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
+def _rope_kind(rope: Mapping[str, Any]) -> str:
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind in (None, "default"):
+    return "default" if kind is None else kind
+
+
+def _rope_linear(rope: Mapping[str, Any]) -> float | None:
+    if _rope_kind(rope) != "linear":
+        return None
+    factor = _hf_float(rope, "factor", None, "rope_parameters")
+    if factor is None:
+        raise ValueError("linear rope scaling lacks 'factor'")
+    return factor
+
+
+def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
+    kind = _rope_kind(rope)
+    if kind in ("default", "linear"):
         return None
     if kind != "llama3":
         # Phi-3's longrope (alias su) rescales per frequency with two tables: not implemented.
-        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'default', 'llama3'")
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', 'llama3'")
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
                if rope.get(k) is None]
     if missing:
@@ -626,10 +765,6 @@ class RunnerConfig:
         max_len, max_pos = self.scheduler_config.max_model_len, self.model_config.max_position_embeddings
         _require(max_len <= max_pos, "SchedulerConfig", "max_model_len",
                  f"{max_len} exceeds the model's max_position_embeddings ({max_pos})")
-        window = self.model_config.sliding_window
-        _require(window is None or window >= max_len, "ModelConfig", "sliding_window",
-                 f"a sliding window of {window} tokens below max_model_len ({max_len}) is not implemented; "
-                 f"serve with max_model_len <= {window} (the window then covers every sequence)")
         heads, kv_heads = self.model_config.num_attention_heads, self.model_config.num_key_value_heads
         tp = self.parallel_config.tensor_parallel_size
         _require(heads % tp == 0, "ParallelConfig", "tensor_parallel_size",
@@ -685,10 +820,16 @@ def _merge(record: Any, overrides: Mapping[str, Any], path: str) -> Any:
                     raise ValueError(f"{path}{key}: {e}") from e
             else:
                 value = _merge(current, value, f"{path}{key}.")
-        elif isinstance(current, tuple) and isinstance(value, Sequence) and not isinstance(value, str):
+        elif _is_tuple_field(hints[key]) and isinstance(value, Sequence) and not isinstance(value, str):
             value = tuple(value)  # JSON-style lists stay hashable
         changes[key] = value
     return dataclasses.replace(record, **changes)
+
+
+def _is_tuple_field(hint: Any) -> bool:
+    """Whether a field's hint is a tuple (`tuple[int, ...]`, `tuple[str, ...] | None`)."""
+    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return any(typing.get_origin(c) is tuple for c in candidates)
 
 
 def _record_type(hint: Any) -> type | None:

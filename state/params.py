@@ -55,6 +55,8 @@ class LayerParams:
     q_norm: Any  # [Dh], None without qk_norm
     k_norm: Any  # [Dh], None without qk_norm
     mlp_norm: Any  # [D]
+    attn_post_norm: Any  # [D], on the attention output (Gemma); None elsewhere
+    mlp_post_norm: Any  # [D], on the MLP output (Gemma); None elsewhere
     w_gate: Any  # [D, F]
     w_up: Any  # [D, F]
     w_down: Any  # [F, D]; w_gate, w_up, w_down are None in sparse (MoE) layers
@@ -107,6 +109,8 @@ def param_specs(cfg: ModelConfig) -> Params:
             q_norm=norm(cfg.head_dim, "head_dim") if cfg.qk_norm else None,
             k_norm=norm(cfg.head_dim, "head_dim") if cfg.qk_norm else None,
             mlp_norm=norm(D, "embed"),
+            attn_post_norm=norm(D, "embed") if cfg.gemma else None,
+            mlp_post_norm=norm(D, "embed") if cfg.gemma else None,
             w_gate=w((D, F), ("embed", "mlp")) if dense else None,
             w_up=w((D, F), ("embed", "mlp")) if dense else None,
             w_down=w((F, D), ("mlp", "embed")) if dense else None,

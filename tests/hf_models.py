@@ -27,10 +27,19 @@ FAMILIES: dict[str, tuple[Any, Any]] = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
 # Five experts, two per token; three layers so that dense and sparse layers mix.
 QWEN3_MOE = dict(num_hidden_layers=3, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=28)
 MIXTRAL = dict(num_local_experts=5, num_experts_per_tok=2, intermediate_size=28)
+# Gemma: windows of 8 tokens (the tests' prompts are longer), an attention scalar other than
+# head_dim, transformers' eager attention (the one that soft-caps scores).
+GEMMA2 = dict(num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=16, attn_implementation="eager")
+GEMMA3 = dict(num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=16, attn_implementation="eager",
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})
 
 # name -> (family, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -64,6 +73,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "phi3_gqa": ("phi3", dict(tie_word_embeddings=False, pad_token_id=0)),
     "phi3_mqa": ("phi3", dict(tie_word_embeddings=False, num_key_value_heads=1, pad_token_id=0)),
     # Eight experts, heads and a vocabulary of 128: tensor-parallel sizes 2 and 4 split experts.
+    "gemma2_gqa": ("gemma2", dict(GEMMA2, tie_word_embeddings=True)),
+    "gemma2_mqa_untied": ("gemma2", dict(GEMMA2, tie_word_embeddings=False, num_key_value_heads=1)),
+    "gemma3_gqa": ("gemma3", dict(GEMMA3, tie_word_embeddings=True)),
+    # Final soft-capping on Gemma 3 too (its checkpoints leave it off), and the 1-in-2
+    # pattern of sliding_window_pattern instead of layer_types.
+    "gemma3_mqa_capped": ("gemma3", dict(GEMMA3, tie_word_embeddings=False, num_key_value_heads=1,
+                                         layer_types=None, sliding_window_pattern=2,
+                                         final_logit_softcapping=15.0)),
     "qwen3_moe_heads8": ("qwen3_moe", dict(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
                                            moe_intermediate_size=20, tie_word_embeddings=True, vocab_size=128,
                                            num_attention_heads=8, num_key_value_heads=4, head_dim=8)),
@@ -81,8 +98,8 @@ def build(kind: str, seed: int = 0, **overrides: Any) -> transformers.PreTrained
     model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if "norm" in name:  # Gemma's norms scale by 1 + w
+                p.copy_((0.0 if kind.startswith("gemma") else 1.0) + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))
     return model
