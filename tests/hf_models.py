@@ -73,6 +73,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "phi3_gqa": ("phi3", dict(tie_word_embeddings=False, pad_token_id=0)),
     "phi3_mqa": ("phi3", dict(tie_word_embeddings=False, num_key_value_heads=1, pad_token_id=0)),
     # Eight experts, heads and a vocabulary of 128: tensor-parallel sizes 2 and 4 split experts.
+    # Real windows, shorter than the tests' prompts: every layer of Mistral, Qwen2's layers
+    # from max_window_layers on.
+    "mistral_window8": ("mistral", dict(tie_word_embeddings=False, sliding_window=8)),
+    "qwen2_window8": ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
+                                    max_window_layers=1)),
     "gemma2_gqa": ("gemma2", dict(GEMMA2, tie_word_embeddings=True)),
     "gemma2_mqa_untied": ("gemma2", dict(GEMMA2, tie_word_embeddings=False, num_key_value_heads=1)),
     "gemma3_gqa": ("gemma3", dict(GEMMA3, tie_word_embeddings=True)),

@@ -1,5 +1,6 @@
-"""The families beside Llama and Qwen3: batching, refusals, experts under tensor
-parallelism, the weight lifecycle on a MoE model, and the Hugging Face export.
+"""The families beside Llama and Qwen3: batching, sliding windows longer prompts than
+the window, refusals, experts under tensor parallelism, the weight lifecycle, and the
+Hugging Face export.
 
 Logit and greedy parity with transformers for every family runs in test_hf_parity.py
 (its parametrisation covers every variant of tests/hf_models.py).
@@ -65,6 +66,58 @@ def test_qwen2_reads_its_biases_and_refuses_a_checkpoint_without_them(hf_checkpo
         params_from_checkpoint([("model.layers.0.self_attn.q_proj.bias", named[0][1])], llama)
 
 
+# -- sliding windows: prompts longer than the window -----------------------------------------
+
+WINDOWED = ["gemma2_gqa", "gemma2_mqa_untied", "gemma3_gqa", "gemma3_mqa_capped", "mistral_window8",
+            "qwen2_window8"]
+LONG = [int(t) for t in np.random.default_rng(3).integers(3, 97, 40)]  # 40 tokens, window 8
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    config = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=0)
+    hf.generation_config.eos_token_id = None  # ignore_eos on the reference side too
+    with torch.no_grad():
+        return hf.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_a_prompt_longer_than_the_window_matches_transformers(name, hf_checkpoint):
+    from state.request import Request
+    from tests.models.test_hf_parity import _our_logits
+
+    folder, hf = hf_checkpoint(name)
+    llm = LLM(str(folder), **LLM_ARGS)
+    llm._parity_request = Request("parity", [], SamplingParams(), seed=0)
+    ours = _our_logits(llm, LONG, 0)
+    with torch.no_grad():
+        ref = hf(torch.tensor([LONG])).logits[0].numpy()
+    diff = float(np.abs(ours - ref).max())
+    print(f"{name}: max |logit diff| over a 40-token prompt {diff:.2e}")
+    assert diff < 1e-4
+    llm = LLM(str(folder), **LLM_ARGS)
+    out = llm.generate([{"prompt_token_ids": LONG}], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    assert out == hf_greedy(hf, LONG, 32)
+
+
+@pytest.mark.parametrize("name", ["gemma2_gqa", "qwen2_window8"])
+def test_long_and_short_prompts_batched_equal_each_alone(name, hf_checkpoint):
+    llm = LLM(str(hf_checkpoint(name)[0]), **LLM_ARGS)
+    prompts = [LONG, PROMPTS[1], LONG[5:30], PROMPTS[0]]
+    together = tokens(llm, prompts)
+    llm.reset_prefix_cache()
+    assert together == [tokens(llm, [p])[0] for p in prompts]
+
+
+def test_the_pallas_backend_serves_windows_and_caps_as_the_reference(hf_checkpoint):
+    # On a CPU the Pallas decode kernel runs interpreted: it serves the global layers,
+    # the tiled path the windowed (and capped) ones.
+    folder = str(hf_checkpoint("gemma2_gqa")[0])
+    prompts = [LONG, PROMPTS[1]]
+    reference = tokens(LLM(folder, **LLM_ARGS), prompts)
+    assert tokens(LLM(folder, attention_backend="pallas", **LLM_ARGS), prompts) == reference
+
+
 # -- what the families do not implement ------------------------------------------------------
 
 def write_config(folder, name: str, hf_checkpoint, **changes) -> str:
@@ -75,21 +128,6 @@ def write_config(folder, name: str, hf_checkpoint, **changes) -> str:
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
     return str(folder)
-
-
-@pytest.mark.parametrize("name, changes", [
-    ("qwen2_gqa", dict(use_sliding_window=True, sliding_window=32)),
-    ("mistral_gqa", dict(sliding_window=32)),
-])
-def test_a_window_below_max_model_len_is_refused_and_one_covering_it_served(tmp_path, hf_checkpoint, name, changes):
-    folder = write_config(tmp_path / "m", name, hf_checkpoint, **changes)
-    with pytest.raises(ValueError, match=r"sliding_window: a sliding window of 32 tokens below max_model_len "
-                                         r"\(128\) is not implemented; serve with max_model_len <= 32"):
-        LLM(folder, **LLM_ARGS)
-    # Within the window, sliding attention is full attention: the same tokens as without one.
-    short = dict(LLM_ARGS, max_model_len=32)
-    reference = tokens(LLM(str(hf_checkpoint(name)[0]), **short), PROMPTS)
-    assert tokens(LLM(folder, **short), PROMPTS) == reference
 
 
 def test_qwen2_without_use_sliding_window_ignores_its_window(tmp_path, hf_checkpoint):
@@ -118,6 +156,53 @@ def test_a_llama_attention_bias_is_refused(tmp_path, hf_checkpoint):
     folder = write_config(tmp_path / "m", "llama_tied_mha", hf_checkpoint, attention_bias=True)
     with pytest.raises(ValueError, match=r"features this runner does not implement: attention_bias=true"):
         ModelConfig.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("gemma3_gqa", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping on Gemma 3"),
+    ("gemma2_gqa", dict(hidden_activation="gelu"), "hidden_activation='gelu' \\(only 'gelu_pytorch_tanh'\\)"),
+    ("gemma3_gqa", dict(use_bidirectional_attention=True), "use_bidirectional_attention=true"),
+    ("gemma2_gqa", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}),
+     "unsupported rope scaling type 'yarn'"),
+    ("gemma3_gqa", dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     "unsupported rope scaling type 'linear' on sliding_attention layers"),
+    ("gemma2_gqa", dict(layer_types=["sliding_attention", "chunked_attention", "full_attention"]),
+     "layer_types other than"),
+    ("gemma2_gqa", dict(attention_bias=True), "attention_bias=true"),
+    ("mistral_window8", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}),
+     "linear rope scaling lacks 'factor'"),
+])
+def test_gemma_fields_it_does_not_implement_are_refused(tmp_path, hf_checkpoint, name, changes, message):
+    folder = write_config(tmp_path / "m", name, hf_checkpoint, **changes)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_pretrained(folder)
+
+
+def test_gemma_defaults_follow_transformers(tmp_path, hf_checkpoint):
+    # Fields a Gemma 2 config.json leaves out take transformers' defaults; null turns a cap off.
+    source = json.loads((hf_checkpoint("gemma2_gqa")[0] / "config.json").read_text())
+    hf = {k: v for k, v in source.items() if k not in ("attn_logit_softcapping", "query_pre_attn_scalar",
+                                                       "layer_types", "sliding_window")}
+    cfg = ModelConfig.from_hf_dict({**hf, "final_logit_softcapping": None})
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.query_pre_attn_scalar) == (50.0, None, 256.0)
+    assert cfg.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    assert cfg.sliding_window == 4096 and [cfg.window(i) for i in range(3)] == [4096, None, 4096]
+    gemma3 = {k: v for k, v in json.loads((hf_checkpoint("gemma3_gqa")[0] / "config.json").read_text()).items()
+              if k not in ("layer_types", "rope_parameters")}
+    cfg3 = ModelConfig.from_hf_dict({**gemma3, "num_hidden_layers": 7, "rope_local_base_freq": 500.0})
+    assert cfg3.layer_types == ("sliding_attention",) * 5 + ("full_attention", "sliding_attention")
+    assert (cfg3.rope_theta, cfg3.rope_local_theta, cfg3.rope_linear_factor) == (1e6, 500.0, None)
+
+
+def test_the_flax_training_model_refuses_gemma(hf_checkpoint):
+    from flax import nnx
+
+    from models.flax_llama import CausalLM
+
+    cfg = ModelConfig.from_pretrained(hf_checkpoint("gemma2_gqa")[0])
+    with pytest.raises(ValueError, match="the Flax NNX training model does not implement Gemma2ForCausalLM"):
+        CausalLM(cfg, nnx.Rngs(0))
 
 
 def test_router_jitter_is_refused(tmp_path, hf_checkpoint):
@@ -188,7 +273,7 @@ def test_moe_tensor_parallel_outputs_match_one_device(hf_checkpoint, tmp_path):
 
 # -- the weight lifecycle -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mixtral_gqa", "qwen2_mqa_tied"])
+@pytest.mark.parametrize("name", ["mixtral_gqa", "qwen2_mqa_tied", "gemma3_gqa"])
 def test_dummy_then_reload_equals_a_fresh_load_and_survives_sleep(name, hf_checkpoint):
     folder = str(hf_checkpoint(name)[0])
     fresh = LLM(folder, **LLM_ARGS)
@@ -210,20 +295,22 @@ def test_dummy_then_reload_equals_a_fresh_load_and_survives_sleep(name, hf_check
 
 # -- export to Hugging Face ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_moe_gqa", "mixtral_gqa", "phi3_gqa"])
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_moe_gqa", "mixtral_gqa", "phi3_gqa", "gemma2_gqa",
+                                  "gemma3_mqa_capped", "qwen2_window8"])
 def test_export_round_trip_loads_in_transformers_with_the_same_logits(name, hf_checkpoint, tmp_path):
     source, hf = hf_checkpoint(name)
     llm = LLM(str(source), **LLM_ARGS)
     out = save_pretrained(tmp_path / "export", llm.runner.params, llm.config.model_config)
     assert sorted(load_file(out / "model.safetensors")) == sorted(load_file(source / "model.safetensors"))
-    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = torch.tensor([PROMPTS[0]])
+    # Eager attention: the implementation that soft-caps Gemma 2's scores.
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.tensor([LONG])
     with torch.no_grad():
         np.testing.assert_allclose(exported(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-5)
     assert tokens(LLM(str(out), **LLM_ARGS), PROMPTS) == tokens(llm, PROMPTS)
 
 
-@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_moe_gqa", "mixtral_gqa"])
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen3_moe_gqa", "mixtral_gqa", "qwen2_window8"])
 def test_flax_training_model_exports_to_transformers_with_its_logits(name, hf_checkpoint, tmp_path):
     from flax import nnx
 
@@ -238,7 +325,7 @@ def test_flax_training_model_exports_to_transformers_with_its_logits(name, hf_ch
     nnx.update(model, jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), state))
     out = save_pretrained(tmp_path / "export", params_from_flax(model, cfg), cfg)
     exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = np.array([PROMPTS[0]])
+    ids = np.array([LONG])  # longer than qwen2_window8's window
     with torch.no_grad():
         ref = exported(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=1e-4)
