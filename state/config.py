@@ -450,7 +450,10 @@ class ModelConfig:
             "use_sliding_window": self.sliding_window is not None,
             **({} if self.layer_types is None else {"layer_types": list(self.layer_types)}),
             **({} if not self.gemma else {
-                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                # transformers types it int
+                "query_pre_attn_scalar": (int(self.query_pre_attn_scalar) if self.query_pre_attn_scalar is not None
+                                          and float(self.query_pre_attn_scalar).is_integer()
+                                          else self.query_pre_attn_scalar),
                 "attn_logit_softcapping": self.attn_logit_softcapping,
                 "final_logit_softcapping": self.final_logit_softcapping}),
             "dtype": self.dtype,
