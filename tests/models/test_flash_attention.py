@@ -137,16 +137,22 @@ def test_causal_run_stops_at_the_last_position_of_the_tile():
     assert int(runs.steps) == 4
 
 
+def decode_batch(rng: np.random.Generator) -> tuple[Batch, np.ndarray]:
+    """A decode batch of eight sequences (one of them padding) over 4 blocks each."""
+    lens = np.array([1, 7, 13, 16, 0, 3, 9, 2], np.int32)
+    B, Nb = len(lens), 4
+    tables = rng.permutation(P)[:B * Nb].reshape(B, Nb).astype(np.int32)
+    return Batch(token_ids=np.zeros(B, np.int32), positions=np.maximum(lens - 1, 0),
+                 slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
+                 block_tables=tables, seq_lens=lens), lens
+
+
 @pytest.mark.parametrize("H, K", [(4, 4), (6, 2)])
 def test_decode_through_the_tiled_path_matches_reference(H, K):
     rng = np.random.default_rng(H * 10 + K)
     ref_cache, pal_cache = _caches(K, rng, jnp.float32)
-    lens = np.array([1, 7, 13, 16, 0, 3, 9, 2], np.int32)
-    B, Nb = len(lens), 4
-    tables = rng.permutation(P)[:B * Nb].reshape(B, Nb).astype(np.int32)
-    batch = Batch(token_ids=np.zeros(B, np.int32), positions=np.maximum(lens - 1, 0),
-                  slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
-                  block_tables=tables, seq_lens=lens)
+    batch, lens = decode_batch(rng)
+    B = len(lens)
     q = jnp.asarray(rng.standard_normal((B, H, Dh)).astype(np.float32))
     expected = attention.paged_attention(q, ref_cache, batch, ONE, ONE)
     general = pallas_attention.decode_as_general(jax.tree.map(jnp.asarray, batch), S)
@@ -248,12 +254,8 @@ def test_a_window_skips_the_blocks_behind_it():
 def test_windowed_decode_on_both_backends_matches_the_general_reader(window):
     rng = np.random.default_rng(11)
     ref_cache, pal_cache = _caches(2, rng, jnp.float32)
-    lens = np.array([1, 7, 13, 16, 0, 3, 9, 2], np.int32)
-    B, Nb = len(lens), 4
-    tables = rng.permutation(P)[:B * Nb].reshape(B, Nb).astype(np.int32)
-    batch = Batch(token_ids=np.zeros(B, np.int32), positions=np.maximum(lens - 1, 0),
-                  slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
-                  block_tables=tables, seq_lens=lens)
+    batch, lens = decode_batch(rng)
+    B = len(lens)
     q = jnp.asarray(rng.standard_normal((B, 4, Dh)).astype(np.float32))
     spec = attention.AttentionSpec(scale=0.2, softcap=None if window is None else 4.0, window=window)
     decoded = attention.paged_attention(q, ref_cache, batch, ONE, ONE, spec)
