@@ -20,6 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from models.attention_spec import AttentionSpec, capped, default_spec, in_window
 from models.flash_attention import flash_attention
 from models.kv_codec import MASKED, dequantise, quantise
 from state.batch import Batch
@@ -50,7 +51,8 @@ def gather_blocks(pages: jax.Array, block_ids: jax.Array, scale: jax.Array) -> j
 
 
 def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
-                   v_scale: jax.Array, gather: Callable = gather_blocks) -> jax.Array:
+                   v_scale: jax.Array, gather: Callable = gather_blocks,
+                   spec: AttentionSpec | None = None) -> jax.Array:
     """Causal attention of `q: [T, H, Dh]` over the cached context of each token's sequence.
 
     Reads the N blocks the batch lists once, then masks by owner sequence and position, so
@@ -58,6 +60,7 @@ def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arra
     blocks as `[N, S, K, Dh]` float32 from the backend's layout.
     """
     T, H, Dh = q.shape
+    spec = spec or default_spec(Dh)
     N = batch.key_block_ids.shape[0]
     keys = gather(cache.k, batch.key_block_ids, k_scale)  # [N, S, K, Dh]
     values = gather(cache.v, batch.key_block_ids, v_scale)
@@ -65,11 +68,11 @@ def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arra
     keys, values = keys.reshape(N * S, K, Dh), values.reshape(N * S, K, Dh)
     key_pos = (batch.key_block_pos[:, None] + jnp.arange(S, dtype=jnp.int32)).reshape(N * S)
     key_seq = jnp.repeat(batch.key_block_seq, S)
-    visible = (key_seq[None, :] == batch.token_seq[:, None]) & (
-        key_pos[None, :] <= batch.positions[:, None])  # [T, N*S]
+    visible = (key_seq[None, :] == batch.token_seq[:, None]) & in_window(
+        key_pos[None, :], batch.positions[:, None], spec)  # [T, N*S]
 
     qg = q.astype(jnp.float32).reshape(T, K, H // K, Dh)
-    scores = jnp.einsum("tkgd,nkd->kgtn", qg, keys) * (Dh ** -0.5)
+    scores = capped(jnp.einsum("tkgd,nkd->kgtn", qg, keys) * spec.scale, spec)
     scores = jnp.where(visible[None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("kgtn,nkd->tkgd", probs, values)
@@ -77,20 +80,22 @@ def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arra
 
 
 def decode_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
-                     v_scale: jax.Array) -> jax.Array:
+                     v_scale: jax.Array, spec: AttentionSpec | None = None) -> jax.Array:
     """Attention of one query per sequence, `q: [B, H, Dh]`, over its first seq_lens keys.
 
     Written as broadcast-multiply-and-sum rather than einsum: XLA's CPU backend fuses it
     with the block gather, where a batched dot of G x Dh by Dh x N runs about 2x slower.
     """
     B, H, Dh = q.shape
+    spec = spec or default_spec(Dh)
     _, S, K, _ = cache.k.shape
     Nb = batch.block_tables.shape[1]
     keys = gather_blocks(cache.k, batch.block_tables, k_scale).reshape(B, Nb * S, K, 1, Dh)
     values = gather_blocks(cache.v, batch.block_tables, v_scale).reshape(B, Nb * S, K, 1, Dh)
     qg = q.astype(jnp.float32).reshape(B, 1, K, H // K, Dh)
-    scores = (qg * keys).sum(-1) * (Dh ** -0.5)  # [B, Nb*S, K, G]
-    visible = jnp.arange(Nb * S)[None, :] < batch.seq_lens[:, None]  # [B, Nb*S]
+    scores = capped((qg * keys).sum(-1) * spec.scale, spec)  # [B, Nb*S, K, G]
+    # The query is each sequence's last position, seq_lens - 1.
+    visible = in_window(jnp.arange(Nb * S)[None, :], batch.seq_lens[:, None] - 1, spec)  # [B, Nb*S]
     scores = jnp.where(visible[:, :, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=1)
     out = (probs[..., None] * values).sum(1)  # [B, K, G, Dh]
@@ -98,8 +103,8 @@ def decode_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Ar
 
 
 def paged_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
-                    v_scale: jax.Array) -> jax.Array:
+                    v_scale: jax.Array, spec: AttentionSpec | None = None) -> jax.Array:
     """The reader the batch was prepared for (its structure is static under jit)."""
     if batch.is_decode:
-        return decode_attention(q, cache, batch, k_scale, v_scale)
-    return flash_attention(q, cache, batch, k_scale, v_scale, heads_first=False)
+        return decode_attention(q, cache, batch, k_scale, v_scale, spec)
+    return flash_attention(q, cache, batch, k_scale, v_scale, heads_first=False, spec=spec)

@@ -13,7 +13,8 @@ reader never builds it:
   * all query tiles advance together through their own runs, `key_tile` blocks at a time,
     with an online softmax (running maximum, denominator and weighted sum), so one step
     holds `[T, key_tile*S]` scores and the loop runs as many steps as the longest run
-    needs: blocks of other sequences and causally hidden blocks are never read.
+    needs: blocks of other sequences, causally hidden blocks and blocks behind a sliding
+    window are never read.
 
 Every shape is a function of the buckets (T, N) and the tile sizes, and the trip count is a
 traced value, so one program serves every mix of lengths within a bucket.
@@ -32,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from models.attention_spec import AttentionSpec, capped, default_spec, in_window
 from models.kv_codec import MASKED, dequantise
 from state.batch import Batch
 from state.kv_cache import KVCache
@@ -65,11 +67,14 @@ def tile_sizes(num_tokens: int, num_blocks: int, block_size: int, q_tile: int = 
     return tq, max(1, min(num_blocks, key_tile_keys // block_size))
 
 
-def tile_runs(batch: Batch, tq: int, key_tile: int) -> TileRuns:
+def tile_runs(batch: Batch, tq: int, key_tile: int, window: int | None = None,
+              block_size: int = 1) -> TileRuns:
     """The contiguous run of listed blocks each query tile reads (see the module doc).
 
     Needs tokens and listed blocks ordered by owner sequence, padding blocks (owner < 0)
-    after every listed one, as `prepare_batch` builds them.
+    after every listed one, as `prepare_batch` builds them. With a sliding `window`, the
+    run starts at the first block of its first sequence that the tile's earliest query of
+    that sequence still sees: blocks behind every window are never read.
     """
     seq = batch.token_seq.reshape(-1, tq)
     pos = batch.positions.reshape(-1, tq)
@@ -82,6 +87,11 @@ def tile_runs(batch: Batch, tq: int, key_tile: int) -> TileRuns:
     block_seq, block_pos = batch.key_block_seq, batch.key_block_pos  # padding blocks: seq -2
     listed = block_seq[None, :] >= 0
     lo = (listed & (block_seq[None, :] < first_seq[:, None])).sum(axis=1)
+    if window is not None:
+        first_pos = jnp.where(live & (seq == first_seq[:, None]), pos, big).min(axis=1)
+        behind = (block_seq[None, :] == first_seq[:, None]) & (
+            block_pos[None, :] + block_size - 1 <= first_pos[:, None] - window)
+        lo = lo + behind.sum(axis=1)
     before_last = block_seq[None, :] < last_seq[:, None]
     last_visible = (block_seq[None, :] == last_seq[:, None]) & (block_pos[None, :] <= last_pos[:, None])
     hi = (listed & (before_last | last_visible)).sum(axis=1)
@@ -106,7 +116,7 @@ def _read_tile(pages: jax.Array, block_ids: jax.Array, scale: jax.Array, heads_f
 
 def _step(j: jax.Array, carry: Carry, *, qg: jax.Array, cache: KVCache, batch: Batch,
           runs: TileRuns, tok_seq: jax.Array, tok_pos: jax.Array, key_tile: int,
-          k_scale: jax.Array, v_scale: jax.Array, heads_first: bool) -> Carry:
+          k_scale: jax.Array, v_scale: jax.Array, heads_first: bool, spec: AttentionSpec) -> Carry:
     """Fold key tile `j` of every query tile's run into the online softmax."""
     N = batch.key_block_ids.shape[0]
     _, S = page_dims(cache.k, heads_first)
@@ -117,14 +127,14 @@ def _step(j: jax.Array, carry: Carry, *, qg: jax.Array, cache: KVCache, batch: B
     key_seq = jnp.where(in_run, batch.key_block_seq[idx], -3)  # -3 matches no token
     key_seq = jnp.repeat(key_seq, S, axis=1)  # [nQ, C*S]
     key_pos = (batch.key_block_pos[idx][:, :, None] + jnp.arange(S, dtype=jnp.int32)).reshape(idx.shape[0], -1)
-    visible = (key_seq[:, None, :] == tok_seq[:, :, None]) & (key_pos[:, None, :] <= tok_pos[:, :, None])
+    visible = (key_seq[:, None, :] == tok_seq[:, :, None]) & in_window(key_pos[:, None, :], tok_pos[:, :, None], spec)
 
     keys = _read_tile(cache.k, block_ids, k_scale, heads_first)  # [K, nQ, C, S, Dh]
     values = _read_tile(cache.v, block_ids, v_scale, heads_first)
     K, nQ, C, _, Dh = keys.shape
     keys, values = keys.reshape(K, nQ, C * S, Dh), values.reshape(K, nQ, C * S, Dh)
 
-    scores = jnp.einsum("ikgqd,kind->ikgqn", qg, keys)  # [nQ, K, G, TQ, C*S]
+    scores = capped(jnp.einsum("ikgqd,kind->ikgqn", qg, keys), spec)  # [nQ, K, G, TQ, C*S]
     mask = visible[:, None, None]
     scores = jnp.where(mask, scores, MASKED)
     m_new = jnp.maximum(carry.m, scores.max(axis=-1))
@@ -139,21 +149,23 @@ def _step(j: jax.Array, carry: Carry, *, qg: jax.Array, cache: KVCache, batch: B
 
 def flash_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
                     v_scale: jax.Array, q_tile: int = Q_TILE,
-                    key_tile_keys: int = KEY_TILE_KEYS, heads_first: bool = True) -> jax.Array:
+                    key_tile_keys: int = KEY_TILE_KEYS, heads_first: bool = True,
+                    spec: AttentionSpec | None = None) -> jax.Array:
     """Causal attention of `q: [T, H, Dh]` over each token's own cached context.
 
     The same function as `models.attention.flat_attention` on a general batch built by
     `prepare_batch` (tokens and blocks in sequence order), computed tile by tile.
     """
     T, H, Dh = q.shape
+    spec = spec or default_spec(Dh)
     K, S = page_dims(cache.k, heads_first)
     G = H // K
     N = batch.key_block_ids.shape[0]
     tq, key_tile = tile_sizes(T, N, S, q_tile, key_tile_keys)
     nQ = T // tq
-    runs = tile_runs(batch, tq, key_tile)
+    runs = tile_runs(batch, tq, key_tile, spec.window, S)
     # [nQ, K, G, TQ, Dh], scaled once here rather than every score tile.
-    qg = (q.astype(jnp.float32) * Dh ** -0.5).reshape(nQ, tq, K, G, Dh).transpose(0, 2, 3, 1, 4)
+    qg = (q.astype(jnp.float32) * spec.scale).reshape(nQ, tq, K, G, Dh).transpose(0, 2, 3, 1, 4)
     init = Carry(m=jnp.full((nQ, K, G, tq), MASKED, jnp.float32),
                  l=jnp.zeros((nQ, K, G, tq), jnp.float32),
                  acc=jnp.zeros((nQ, K, G, tq, Dh), jnp.float32))
@@ -161,7 +173,8 @@ def flash_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arr
     def body(j: jax.Array, carry: Carry) -> Carry:
         return _step(j, carry, qg=qg, cache=cache, batch=batch, runs=runs,
                      tok_seq=batch.token_seq.reshape(nQ, tq), tok_pos=batch.positions.reshape(nQ, tq),
-                     key_tile=key_tile, k_scale=k_scale, v_scale=v_scale, heads_first=heads_first)
+                     key_tile=key_tile, k_scale=k_scale, v_scale=v_scale, heads_first=heads_first,
+                     spec=spec)
 
     out = jax.lax.fori_loop(0, runs.steps, body, init)
     # Padding tokens saw no key: a zero output instead of 0/0.

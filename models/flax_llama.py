@@ -4,7 +4,9 @@ Dense causal attention over `[B, L]` token batches, no KV cache: what a training
 wants. Its parameter names follow Flax conventions (`kernel`, `embedding`, `scale`); the
 bridge (`runner.bridge.params_from_flax`) maps them onto the runner's tree, so a model
 trained here is served without a disk round trip. The math is the serving core's:
-RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU MLP, optional q/k norm.
+RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU MLP, optional q/k norm,
+optional q/k/v biases, and the serving core's own mixture of experts (`models.moe`) in
+sparse layers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models.moe import moe_mlp
 from models.rope import apply_rope, rope_tables
 from state.config import ModelConfig
 
@@ -29,13 +32,13 @@ def _norm(n: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, window: int | None = None) -> None:
         D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg = cfg
-        bias = cfg.attention_bias  # Qwen2: q/k/v biases
-        self.q_proj = _linear(D, H * Dh, cfg, rngs, bias)
-        self.k_proj = _linear(D, K * Dh, cfg, rngs, bias)
-        self.v_proj = _linear(D, K * Dh, cfg, rngs, bias)
+        self.window = window  # sliding-window layers (Mistral, Qwen2 when enabled)
+        self.q_proj = _linear(D, H * Dh, cfg, rngs, cfg.attention_bias)
+        self.k_proj = _linear(D, K * Dh, cfg, rngs, cfg.attention_bias)
+        self.v_proj = _linear(D, K * Dh, cfg, rngs, cfg.attention_bias)
         self.o_proj = _linear(H * Dh, D, cfg, rngs)
         self.q_norm = _norm(Dh, cfg, rngs) if cfg.qk_norm else None
         self.k_norm = _norm(Dh, cfg, rngs) if cfg.qk_norm else None
@@ -52,7 +55,8 @@ class Attention(nnx.Module):
         # apply_rope rotates [T, heads, Dh] with [T, Dh] tables: fold the batch into T.
         q = apply_rope(q.reshape(B * L, H, Dh), cos, sin).reshape(B, L, H, Dh)
         k = apply_rope(k.reshape(B * L, K, Dh), cos, sin).reshape(B, L, K, Dh)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, L, H, Dh]
+        window = None if self.window is None else (self.window - 1, 0)  # keys p - window < k <= p
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)  # [B, L, H, Dh]
         return self.o_proj(out.reshape(B, L, H * Dh))
 
 
@@ -67,12 +71,31 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nnx.Module):
+class MoE(nnx.Module):
+    """Stacked experts `[E, ...]` and a router; the maths is the serving core's."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        D, E, Fe = cfg.hidden_size, cfg.moe.num_experts, cfg.moe.intermediate_size
+        init, dtype = nnx.initializers.normal(cfg.initializer_range), jnp.dtype(cfg.dtype)
+        self.moe = cfg.moe
+        self.router = _linear(D, E, cfg, rngs)
+        self.experts_gate = nnx.Param(init(rngs.params(), (E, D, Fe), dtype))
+        self.experts_up = nnx.Param(init(rngs.params(), (E, D, Fe), dtype))
+        self.experts_down = nnx.Param(init(rngs.params(), (E, Fe, D), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        flat = x.reshape(-1, x.shape[-1])  # [B*L, D]
+        out = moe_mlp(flat, self.router.kernel[...], self.experts_gate[...], self.experts_up[...],
+                      self.experts_down[...], self.moe)
+        return out.reshape(x.shape)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> None:
         self.input_layernorm = _norm(cfg.hidden_size, cfg, rngs)
-        self.self_attn = Attention(cfg, rngs)
+        self.self_attn = Attention(cfg, rngs, cfg.window(layer))
         self.post_attention_layernorm = _norm(cfg.hidden_size, cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if cfg.is_sparse(layer) else MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -83,11 +106,14 @@ class CausalLM(nnx.Module):
     """`model(token_ids [B, L]) -> logits [B, L, V]` float32."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        if cfg.gemma:
+            raise ValueError(f"the Flax NNX training model does not implement {cfg.architecture} (Gemma's "
+                             "norms, soft-capping and local RoPE); it serves from the runner and exports only")
         self.cfg = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
                                       embedding_init=nnx.initializers.normal(cfg.initializer_range),
                                       param_dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = _norm(cfg.hidden_size, cfg, rngs)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
 

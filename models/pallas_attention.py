@@ -5,7 +5,11 @@ Cache layout of this backend, per layer: `k, v: [K, P, S, Dh]`, the kernel's own
 layout, so a decode step hands the cache to the kernel as it is. General steps (prefills,
 chunks, mixed batches) run `models.flash_attention`, which reads each sequence's own blocks
 tile by tile and never scores a token against every listed key (JAX ships no GPU prefill
-paged kernel). On a CPU the decode kernel runs in interpret mode (slow; for tests). FP8
+paged kernel). The kernel has no sliding window and no soft-capping: decode steps of
+layers with either (Mistral/Qwen2 windows, Gemma's local layers and capped scores) take
+the same tiled path, which masks the window and skips blocks behind it; a layer's own
+attention scale is applied to the queries before the kernel. On a CPU the decode kernel
+runs in interpret mode (slow; for tests). FP8
 caches are not offered on this backend (the kernel's quantised path takes per-token
 integer scales, not a per-layer float8 scale).
 """
@@ -17,6 +21,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from models.attention_spec import AttentionSpec, default_spec
 from models.kv_codec import quantise
 from models.flash_attention import flash_attention
 from state.batch import Batch
@@ -83,11 +88,12 @@ def decode_as_general(batch: Batch, block_size: int) -> Batch:
                  key_block_pos=jnp.tile(jnp.arange(Nb, dtype=jnp.int32) * block_size, B))
 
 
-def decode_attention(q: jax.Array, cache: KVCache, batch: Batch) -> jax.Array:
+def decode_attention(q: jax.Array, cache: KVCache, batch: Batch, scale: float | None = None) -> jax.Array:
     """One query per sequence through the Pallas kernel; `q: [B, H, Dh]`."""
     Nb = batch.block_tables.shape[1]
     k_splits = min(MAX_K_SPLITS, Nb)
-    scaled = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(cache.k.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scaled = (q.astype(jnp.float32) * scale).astype(cache.k.dtype)
     out = pallas_kernel.paged_attention(
         scaled, cache.k, cache.v, batch.block_tables, batch.seq_lens,
         k_splits=k_splits, pages_per_compute_block=min(MAX_PAGES_PER_COMPUTE_BLOCK, Nb // k_splits),
@@ -95,12 +101,19 @@ def decode_attention(q: jax.Array, cache: KVCache, batch: Batch) -> jax.Array:
     return out.astype(q.dtype)
 
 
+def kernel_serves(spec: AttentionSpec) -> bool:
+    """Whether the decode kernel computes this layer's attention (it has no window or cap)."""
+    return spec.window is None and spec.softcap is None
+
+
 def paged_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
-                    v_scale: jax.Array) -> jax.Array:
+                    v_scale: jax.Array, spec: AttentionSpec | None = None) -> jax.Array:
     S, Dh = cache.k.shape[2], cache.k.shape[3]
+    spec = spec or default_spec(Dh)
     if batch.is_decode:
-        if kernel_runs(Dh, S, jax.devices()[0].platform):
-            return decode_attention(q, cache, batch)
-        # Sizes Triton cannot tile (small test models) take the tiled jnp path instead.
-        return flash_attention(q, cache, decode_as_general(batch, S), k_scale, v_scale)
-    return flash_attention(q, cache, batch, k_scale, v_scale)
+        if kernel_serves(spec) and kernel_runs(Dh, S, jax.devices()[0].platform):
+            return decode_attention(q, cache, batch, spec.scale)
+        # Sizes Triton cannot tile (small test models) and windowed or capped layers take
+        # the tiled jnp path instead.
+        return flash_attention(q, cache, decode_as_general(batch, S), k_scale, v_scale, spec=spec)
+    return flash_attention(q, cache, batch, k_scale, v_scale, spec=spec)

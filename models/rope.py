@@ -1,4 +1,4 @@
-"""Rotary position embeddings, with Llama 3 frequency scaling."""
+"""Rotary position embeddings, with Llama 3 and linear frequency scaling."""
 
 from __future__ import annotations
 
@@ -11,12 +11,21 @@ import numpy as np
 from state.config import ModelConfig, RopeScaling
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """[Dh/2] float32 inverse frequencies (a compile-time constant of the step)."""
+def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """[Dh/2] float32 inverse frequencies (a compile-time constant of the step).
+
+    `local`: those of sliding-window layers with a RoPE of their own (Gemma 3's
+    `rope_local_theta`, never scaled).
+    """
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
     exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
-    inv_freq = (1.0 / np.power(np.float32(cfg.rope_theta), exponents)).astype(np.float32)
+    inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if local:
+        return inv_freq
     if cfg.rope_scaling is not None:
         inv_freq = _llama3_scale(inv_freq, cfg.rope_scaling)
+    if cfg.rope_linear_factor is not None:
+        inv_freq = (inv_freq / np.float32(cfg.rope_linear_factor)).astype(np.float32)
     return inv_freq
 
 
@@ -33,9 +42,9 @@ def _llama3_scale(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions: jax.Array, cfg: ModelConfig, local: bool = False) -> tuple[jax.Array, jax.Array]:
     """cos, sin: [T, Dh] float32 for the given positions."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inverse_frequencies(cfg))  # [T, Dh/2]
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inverse_frequencies(cfg, local))  # [T, Dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, Dh]
     return jnp.cos(emb), jnp.sin(emb)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from models.checkpoint import checkpoint_name
+from models.checkpoint import export_tensors
 from runner.param_tree import CheckpointError, Tensor, assemble, validate_params
 from runner.tokenizer import Tokenizer
 from state.config import ModelConfig
@@ -47,6 +47,10 @@ FLAX_NAME_MAP: dict[str, str] = {
     r"layers\.(\d+)\.mlp\.gate_proj\.kernel": "layers.{}.w_gate",
     r"layers\.(\d+)\.mlp\.up_proj\.kernel": "layers.{}.w_up",
     r"layers\.(\d+)\.mlp\.down_proj\.kernel": "layers.{}.w_down",
+    r"layers\.(\d+)\.mlp\.router\.kernel": "layers.{}.router",
+    r"layers\.(\d+)\.mlp\.experts_gate": "layers.{}.moe_gate",
+    r"layers\.(\d+)\.mlp\.experts_up": "layers.{}.moe_up",
+    r"layers\.(\d+)\.mlp\.experts_down": "layers.{}.moe_down",
 }
 
 
@@ -110,14 +114,13 @@ def save_pretrained(folder: str | Path, params: Params, model_config: ModelConfi
     validate_params(params, model_config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
+    leaves: dict[str, np.ndarray] = {}
     for path, leaf in zip(leaf_paths(params), jax.tree.leaves(params)):
         array = np.asarray(jax.device_get(leaf))
         if path.endswith(("k_scale", "v_scale")) and float(array) == 1.0:
             continue
-        name, transpose = checkpoint_name(path)
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        leaves[path] = array
+    save_file(export_tensors(leaves, model_config), folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(model_config.to_hf_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)

@@ -99,8 +99,8 @@ def decode_step(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, s
                 block_size: int) -> tuple[tuple[KVCache, ...], DecodeState, SamplerOutput]:
     """One step: forward, sample, stop masks, next input. Done rows are left unchanged."""
     hidden, kv_cache = forward(params, kv_cache, decode_batch(rows, state, block_size), cfg, backend)
-    sampled = sample_switched(compute_logits(params, hidden), step_metadata(rows, state),
-                              rows.wants_logprobs)
+    logits = compute_logits(params, hidden, cfg.final_logit_softcapping)
+    sampled = sample_switched(logits, step_metadata(rows, state), rows.wants_logprobs)
     live = ~state.is_done
     num_out = state.num_out + live
     B = num_out.shape[0]

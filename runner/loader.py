@@ -18,13 +18,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from models.checkpoint import leaf_for, skipped_shape
+from models.checkpoint import Piece, leaf_for, skipped_shape
 from runner import orbax_io
-from runner.param_tree import CheckpointError, Tensor, assemble
+from runner.param_tree import CheckpointError, Tensor, as_array, assemble
 from runner.safetensors_io import INDEX_FILE, iter_safetensors, refuse_pickle
 from state.config import ModelConfig, RunnerConfig
-from state.params import Params, param_specs
+from state.params import Params, abstract_params, leaf_paths, param_specs
 
 
 def resolve_format(config: RunnerConfig) -> str:
@@ -53,22 +54,26 @@ def _model_folder(cfg: ModelConfig) -> Path:
 
 def checkpoint_tensors(named: Iterable[tuple[str, Any]], cfg: ModelConfig) -> Iterator[Tensor]:
     """`(checkpoint name, array)` pairs in HF layout as leaf `Tensor`s, through the name
-    table of `models.checkpoint`.
+    tables of `models.checkpoint`.
 
+    A fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`) yields one Tensor per leaf it
+    holds; per-expert tensors are stacked into their `[E, ...]` leaf once all E arrived.
     Names that carry no weights of ours are skipped, each at most once and only in the
     shape the model would give them: an iterator repeating them forever ends in an error.
 
     Raises:
-        CheckpointError: a name that is not a tensor of this model, or a skipped name that
-            repeats or has the wrong shape.
+        CheckpointError: a name that is not a tensor of this model, a skipped name that
+            repeats or has the wrong shape, a fused tensor of the wrong height, or an
+            expert leaf some of whose experts are missing or repeated.
     """
     skipped: set[str] = set()
+    experts = _ExpertStacks(cfg)
     for name, array in named:
         try:
-            target = leaf_for(name, cfg)
+            pieces = leaf_for(name, cfg)
         except KeyError as e:
             raise CheckpointError(e.args[0]) from None
-        if target is None:
+        if pieces is None:
             if name in skipped:
                 raise CheckpointError(f"tensor {name!r} appears twice")
             skipped.add(name)
@@ -76,8 +81,58 @@ def checkpoint_tensors(named: Iterable[tuple[str, Any]], cfg: ModelConfig) -> It
             if expected is not None and shape != expected:
                 raise CheckpointError(f"tensor {name!r} has shape {shape}; expected {expected}")
             continue
-        leaf, transpose = target
-        yield Tensor(leaf, array, f"tensor {name!r}", transpose)
+        label = f"tensor {name!r}"
+        if pieces[0].rows is not None:
+            yield from _split_fused(name, array, pieces, cfg)
+        elif pieces[0].expert is not None:
+            yield from experts.add(pieces[0], as_array(array, label), label)
+        else:
+            yield Tensor(pieces[0].leaf, array, label, pieces[0].transpose)
+    experts.check_complete()
+
+
+def _split_fused(name: str, array: Any, pieces: tuple[Piece, ...], cfg: ModelConfig) -> Iterator[Tensor]:
+    """The row blocks of a fused `[rows, D]` tensor, one Tensor per leaf."""
+    array = as_array(array, f"tensor {name!r}")
+    expected = (pieces[-1].rows[1], cfg.hidden_size)
+    if tuple(array.shape) != expected:
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}; expected {expected} "
+                              f"(the rows of {', '.join(p.leaf for p in pieces)} stacked)")
+    for p in pieces:
+        yield Tensor(p.leaf, array[p.rows[0]:p.rows[1]], f"rows {p.rows[0]}:{p.rows[1]} of tensor {name!r}",
+                     p.transpose)
+
+
+class _ExpertStacks:
+    """Per-expert checkpoint tensors gathered into their stacked `[E, ...]` leaves."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.specs = dict(zip(leaf_paths(abstract_params(cfg)), jax.tree.leaves(abstract_params(cfg))))
+        self.pending: dict[str, dict[int, np.ndarray]] = {}
+        self.labels: dict[str, str] = {}
+
+    def add(self, piece: Piece, array: Any, label: str) -> Iterator[Tensor]:
+        stack = self.pending.setdefault(piece.leaf, {})
+        if piece.expert in stack:
+            raise CheckpointError(f"{label} appears twice")
+        expected = self.specs[piece.leaf].shape[1:]
+        expected = expected[::-1] if piece.transpose else expected
+        if tuple(array.shape) != expected:
+            raise CheckpointError(f"{label} has shape {tuple(array.shape)}; expected {expected}")
+        stack[piece.expert] = array.T if piece.transpose else array
+        self.labels[piece.leaf] = label
+        if len(stack) == self.cfg.moe.num_experts:
+            del self.pending[piece.leaf]
+            # np.stack promotes mixed dtypes; assemble casts (or refuses) the result as a whole.
+            arrays = [np.asarray(stack[e]) for e in range(len(stack))]
+            yield Tensor(piece.leaf, np.stack(arrays), f"the experts of {label}")
+
+    def check_complete(self) -> None:
+        for leaf, stack in self.pending.items():
+            missing = sorted(set(range(self.cfg.moe.num_experts)) - set(stack))
+            raise CheckpointError(f"checkpoint lacks experts {missing[:8]} of {leaf!r} (it has "
+                                  f"{len(stack)} of {self.cfg.moe.num_experts}, e.g. {self.labels[leaf]})")
 
 
 def _known(name: str, cfg: ModelConfig) -> bool:
@@ -95,7 +150,7 @@ def params_from_checkpoint(named: Iterable[tuple[str, Any]], cfg: ModelConfig, *
     """Build a tree from `(checkpoint name, array)` pairs in HF layout.
 
     Args:
-        named: the tensors; names go through `models.checkpoint.NAME_MAP`, floating dtypes
+        named: the tensors; names go through the tables of `models.checkpoint`, floating dtypes
             are cast to the model's.
         cfg: the architecture the tensors must fit.
         base: when given, a subset of names is allowed: the other leaves come from `base`.

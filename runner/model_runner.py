@@ -56,7 +56,7 @@ def _general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, r
                   out_sharding: Any) -> tuple[SamplerOutput, jax.Array, tuple[KVCache, ...]]:
     hidden, kv_cache = forward(params, kv_cache, batch, cfg, backend)
     kv_cache = _keep_shardings(kv_cache, kv_shardings)
-    logits = compute_logits(params, hidden[batch.logits_indices])
+    logits = compute_logits(params, hidden[batch.logits_indices], cfg.final_logit_softcapping)
     sampled = sample_switched(logits, step_metadata(rows, state), rows.wants_logprobs)
     return _constrain(sampled, out_sharding), hidden, kv_cache
 
@@ -72,9 +72,10 @@ def _window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSetting
     return _constrain(out, out_sharding), _keep_shardings(kv_cache, kv_shardings)
 
 
-@functools.partial(jax.jit, static_argnames=("out_sharding",))
-def _prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, out_sharding: Any):
-    return _constrain(prompt_logprobs(compute_logits(params, hidden), next_ids), out_sharding)
+@functools.partial(jax.jit, static_argnames=("logit_cap", "out_sharding"))
+def _prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, logit_cap: float | None,
+                          out_sharding: Any):
+    return _constrain(prompt_logprobs(compute_logits(params, hidden, logit_cap), next_ids), out_sharding)
 
 
 def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
@@ -104,9 +105,11 @@ def window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings
                         out_sharding=_replicated_like(params))
 
 
-def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array):
-    """Prompt log-probabilities of every scheduled token, replicated like `window_step`'s tokens."""
-    return _prompt_logprobs_step(params, hidden, next_ids, out_sharding=_replicated_like(params))
+def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, logit_cap: float | None):
+    """Prompt log-probabilities of every scheduled token, replicated like `window_step`'s tokens.
+    `logit_cap`: the model's `final_logit_softcapping`."""
+    return _prompt_logprobs_step(params, hidden, next_ids, logit_cap=logit_cap,
+                                 out_sharding=_replicated_like(params))
 
 
 def _constrain(tree: Any, placement: NamedSharding | None) -> Any:
@@ -248,7 +251,8 @@ class ModelRunner:
         return (*results, kv_cache)
 
     def run_prompt_logprobs(self, hidden: jax.Array, next_ids: Any) -> Any:
-        return prompt_logprobs_step(self._state.params, hidden, next_ids)
+        return prompt_logprobs_step(self._state.params, hidden, next_ids,
+                                    self._state.config.model_config.final_logit_softcapping)
 
     def execute_model(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         """Run one scheduled step: write its KV, sample the next token of finished prefills

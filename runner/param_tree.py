@@ -100,7 +100,7 @@ def assemble(tensors: Iterable[Tensor], cfg: ModelConfig, *, base: Params | None
         if bad:
             raise CheckpointError(f"{bad[0].label} holds NaN or infinite values "
                                   "(load_config.check_finite=False accepts them)")
-    return _complete(leaves, abstract, base, placements, source)
+    return _complete(leaves, abstract, base, placements, source, cfg)
 
 
 def _checked(t: Tensor, spec: jax.ShapeDtypeStruct, cast: bool, check_finite: bool) -> Any:
@@ -184,13 +184,13 @@ def _place(array: Any, sharding: Any, copy: bool) -> Any:
 
 
 def _complete(leaves: dict[str, Any], abstract: Params, base: Params | None,
-              placements: dict[str, Any], source: str) -> Params:
+              placements: dict[str, Any], source: str, cfg: ModelConfig) -> Params:
     """The full tree: `leaves`, then `base`'s leaves, then 1.0 for omitted KV scales."""
     paths = leaf_paths(abstract)
     if base is None:
         missing = [p for p in paths if p not in leaves and not p.endswith(OPTIONAL_LEAF_SUFFIXES)]
         if missing:
-            names = [f"{p} ({checkpoint_name(p)[0]})" for p in missing]
+            names = [f"{p} ({checkpoint_name(p, cfg)[0]})" for p in missing]
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             raise CheckpointError(f"{source} lacks {len(missing)} tensor(s) the model needs: {shown} "
                                   "(a reload of only some tensors needs weights already loaded)")

@@ -53,6 +53,11 @@ RULES: dict[str, str | None] = {
     # per-device top-k then a merge), all small next to the weights. Vocabularies that do
     # not divide fall back to replication.
     "vocab": MODEL,
+    # Experts split over "model" (expert parallelism): each device holds whole experts and
+    # computes the tokens routed to them; one all-reduce follows the expert down projection.
+    # When the expert count does not divide, each expert's intermediate width splits instead.
+    "experts": MODEL,
+    "moe_mlp": MODEL,
     # Model width and per-head width stay whole: splitting them would need an all-reduce
     # inside every matmul and every norm.
     "embed": None,
@@ -93,7 +98,8 @@ def axis_units(model_config: ModelConfig) -> dict[str, int]:
     """How many indivisible units each logical weight axis holds (heads, not head values)."""
     m = model_config
     return {"vocab": m.vocab_size, "embed": m.hidden_size, "q_heads": m.num_attention_heads,
-            "kv_heads": m.num_key_value_heads, "mlp": m.intermediate_size, "head_dim": m.head_dim}
+            "kv_heads": m.num_key_value_heads, "mlp": m.intermediate_size, "head_dim": m.head_dim,
+            "experts": m.moe.num_experts if m.moe else 1, "moe_mlp": m.moe.intermediate_size if m.moe else 1}
 
 
 def partition_spec(axes: tuple[str | None, ...], units: dict[str, int], mesh: Mesh) -> PartitionSpec:

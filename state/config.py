@@ -150,10 +150,22 @@ def parse_json(data: bytes | str) -> Any:
     return value
 
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-# transformers' model_type of each architecture (written on export).
-MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-               "MistralForCausalLM": "mistral"}
+# Architecture -> HF `model_type`. Every family is the one llama-like core with flags:
+# q/k norm (Qwen3, Qwen3-MoE), q/k/v biases (Qwen2), experts (Qwen3-MoE, Mixtral), fused
+# checkpoint tensors (Phi-3, split at load time by models/checkpoint.py).
+MODEL_TYPES = {
+    "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral", "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral", "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+# Gemma: (1 + w) RMSNorm, embeddings times sqrt(hidden_size), GeGLU, norms after attention
+# and MLP too, soft-capping; Gemma 3 adds q/k norm and a RoPE base of its own on local layers.
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
@@ -180,10 +192,35 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts MLP of the sparse layers (Qwen3-MoE, Mixtral)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    intermediate_size: int  # per expert
+    norm_topk_prob: bool  # renormalise the top-k routing weights to sum to 1 (Mixtral: always)
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (as transformers)
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "intermediate_size", "decoder_sparse_step"):
+            _check_positive_int("MoeConfig", name, getattr(self, name))
+        _require(self.num_experts_per_tok <= self.num_experts, "MoeConfig", "num_experts_per_tok",
+                 f"{self.num_experts_per_tok} exceeds num_experts ({self.num_experts})")
+        _require(isinstance(self.norm_topk_prob, bool), "MoeConfig", "norm_topk_prob",
+                 f"expected a bool, got {self.norm_topk_prob!r}")
+        _require(isinstance(self.mlp_only_layers, tuple) and all(_is_int(i) and i >= 0 for i in self.mlp_only_layers),
+                 "MoeConfig", "mlp_only_layers", f"expected a tuple of layer indices, got {self.mlp_only_layers!r}")
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a llama-like decoder. Hashable: the jitted step takes it as static."""
 
-    architecture: str = _f(Effect.RESTART, doc="Qwen3, Llama, Qwen2 or Mistral ...ForCausalLM")
+    architecture: str = _f(Effect.RESTART, doc="one of SUPPORTED_ARCHITECTURES")
     vocab_size: int = _f(Effect.RESTART)
     hidden_size: int = _f(Effect.RESTART)
     intermediate_size: int = _f(Effect.RESTART)
@@ -193,11 +230,22 @@ class ModelConfig:
     head_dim: int = _f(Effect.RESTART)
     tie_word_embeddings: bool = _f(Effect.RESTART, False, "one embedding leaf serves as lm_head")
     dtype: str = _f(Effect.RESTART, "float32", "parameter and activation dtype")
-    attention_bias: bool = _f(Effect.RESTART, False, "q/k/v projections carry biases (Qwen2)")
-    sliding_window: int | None = _f(Effect.RESTART, None, "attention window; only >= max_model_len (full) is served")
     rms_norm_eps: float = _f(Effect.RECOMPILE, 1e-6)
     rope_theta: float = _f(Effect.RECOMPILE, 10000.0)
     rope_scaling: RopeScaling | None = _f(Effect.RECOMPILE, None, "llama3 scaling or None")
+    rope_linear_factor: float | None = _f(Effect.RECOMPILE, None, "linear RoPE scaling: frequencies / factor")
+    rope_local_theta: float | None = _f(Effect.RECOMPILE, None,
+                                        "RoPE base of sliding-window layers, unscaled (Gemma 3); None: rope_theta")
+    hidden_act: str = _f(Effect.RECOMPILE, "silu", "MLP gate activation: silu or gelu_pytorch_tanh (Gemma)")
+    layer_types: tuple[str, ...] | None = _f(Effect.RECOMPILE, None,
+                                             "full_attention | sliding_attention per layer; None: all sliding")
+    query_pre_attn_scalar: float | None = _f(Effect.RECOMPILE, None, "attention scale 1/sqrt(this); None: head_dim")
+    attn_logit_softcapping: float | None = _f(Effect.RECOMPILE, None, "cap * tanh(score / cap) (Gemma 2)")
+    final_logit_softcapping: float | None = _f(Effect.RECOMPILE, None, "cap * tanh(logit / cap) (Gemma 2)")
+    attention_bias: bool = _f(Effect.RESTART, False, "q/k/v projections carry biases (Qwen2)")
+    sliding_window: int | None = _f(Effect.RECOMPILE, None,
+                                    "keys within this many positions of the query (layers layer_types marks)")
+    moe: MoeConfig | None = _f(Effect.RESTART, None, "experts of the sparse layers; None: dense")
     model: str | None = _f(Effect.RELOAD, None, "checkpoint folder (HF layout or orbax)")
     max_position_embeddings: int = _f(Effect.NONE, 4096)
     bos_token_id: int | None = _f(Effect.NONE, None)
@@ -226,6 +274,26 @@ class ModelConfig:
                  f"expected a positive finite number, got {self.rope_theta!r}")
         _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), name,
                  "rope_scaling", f"expected RopeScaling or None, got {self.rope_scaling!r}")
+        _require(isinstance(self.attention_bias, bool), name, "attention_bias",
+                 f"expected a bool, got {self.attention_bias!r}")
+        _check_positive_int(name, "sliding_window", self.sliding_window, allow_none=True)
+        _require(self.hidden_act in ACTIVATIONS, name, "hidden_act",
+                 f"unsupported {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        _require(self.layer_types is None or (
+            isinstance(self.layer_types, tuple) and len(self.layer_types) == self.num_hidden_layers
+            and all(t in LAYER_TYPES for t in self.layer_types)), name, "layer_types",
+            f"expected None or a tuple of {self.num_hidden_layers} of {', '.join(LAYER_TYPES)}, "
+            f"got {self.layer_types!r}")
+        for f in ("rope_linear_factor", "rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
+                  "final_logit_softcapping"):
+            value = getattr(self, f)
+            _require(value is None or (_is_finite_number(value) and value > 0), name, f,
+                     f"expected None or a positive finite number, got {value!r}")
+        _require(self.moe is None or isinstance(self.moe, MoeConfig), name, "moe",
+                 f"expected MoeConfig or None, got {self.moe!r}")
+        is_moe_arch = self.architecture in MOE_ARCHITECTURES
+        _require(is_moe_arch == (self.moe is not None), name, "moe",
+                 f"{self.architecture} needs moe {'set' if is_moe_arch else 'None'}, got {self.moe!r}")
         # An empty path would name the working directory: weights would be read from there.
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), name, "model",
                  f"expected a non-empty path string or None, got {self.model!r}")
@@ -240,14 +308,25 @@ class ModelConfig:
         # Read only by the dummy initialiser, so nothing else would catch a bad value early.
         _require(_is_finite_number(self.initializer_range) and self.initializer_range >= 0, name,
                  "initializer_range", f"expected a finite number >= 0, got {self.initializer_range!r}")
-        _require(isinstance(self.attention_bias, bool), name, "attention_bias",
-                 f"expected a bool, got {self.attention_bias!r}")
-        _check_positive_int(name, "sliding_window", self.sliding_window, allow_none=True)
 
     @property
     def qk_norm(self) -> bool:
-        """Qwen3 normalises each query and key head before RoPE; Llama does not."""
-        return self.architecture == "Qwen3ForCausalLM"
+        """Qwen3 and Gemma 3 normalise each query and key head before RoPE; Llama does not."""
+        return self.architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
+
+    @property
+    def gemma(self) -> bool:
+        return self.architecture in GEMMA_ARCHITECTURES
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of `layer`: None for full attention."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is the mixture of experts."""
+        return self.moe is not None and self.moe.is_sparse(layer)
 
     def for_compile(self) -> ModelConfig:
         """This record with every field that cannot change compiled code reset.
@@ -291,10 +370,7 @@ class ModelConfig:
         _reject_unimplemented(hf, archs[0])
         try:
             hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-            rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-            if not isinstance(rope, Mapping):
-                raise ValueError(f"config.json field 'rope_parameters'/'rope_scaling': expected an object, "
-                                 f"got {rope!r}")
+            rope, local_theta = _rope_sections(hf, archs[0])
             if dtype == "auto":
                 dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
             eos = hf.get("eos_token_id")
@@ -303,9 +379,6 @@ class ModelConfig:
             derived_head_dim = hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None
             return cls(
                 architecture=archs[0],
-                # Qwen2 always has q/k/v biases (its config has no flag for them).
-                attention_bias=archs[0] == "Qwen2ForCausalLM",
-                sliding_window=hf.get("sliding_window") if archs[0] == "MistralForCausalLM" else None,
                 vocab_size=hf["vocab_size"],
                 hidden_size=hidden,
                 intermediate_size=hf["intermediate_size"],
@@ -314,11 +387,20 @@ class ModelConfig:
                 num_key_value_heads=hf.get("num_key_value_heads") or heads,
                 head_dim=hf.get("head_dim") or derived_head_dim,
                 # Not bool(): the string "false" is truthy and would tie the embeddings.
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                tie_word_embeddings=hf.get("tie_word_embeddings", archs[0] in GEMMA_ARCHITECTURES),
                 dtype=dtype,
                 rms_norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
-                rope_theta=_hf_float(rope, "rope_theta", _hf_float(hf, "rope_theta", 10000.0)),
+                rope_theta=_hf_float(rope, "rope_theta", _hf_float(
+                    hf, "rope_theta", 1e6 if archs[0] == "Gemma3ForCausalLM" else 10000.0)),
                 rope_scaling=_rope_scaling(rope),
+                rope_linear_factor=_rope_linear(rope),
+                rope_local_theta=local_theta,
+                layer_types=_layer_types(hf, archs[0]),
+                **_gemma_fields(hf, archs[0]),
+                # Qwen2's config has no such field: its q/k/v projections always carry biases.
+                attention_bias=archs[0] == "Qwen2ForCausalLM",
+                sliding_window=_sliding_window(hf, archs[0]),
+                moe=_moe(hf, archs[0]),
                 model=model,
                 max_position_embeddings=hf.get("max_position_embeddings", 4096),
                 bos_token_id=hf.get("bos_token_id"),
@@ -333,10 +415,16 @@ class ModelConfig:
         rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:
             rope = {**rope, "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        if self.rope_linear_factor is not None:
+            rope = {**rope, "rope_type": "linear", "factor": self.rope_linear_factor}
+        if self.rope_local_theta is not None:  # Gemma 3: per layer type
+            rope = {"full_attention": rope,
+                    "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
         eos: int | list[int] | None = (None if not self.eos_token_ids else
                                        self.eos_token_ids[0] if len(self.eos_token_ids) == 1
                                        else list(self.eos_token_ids))
         return {
+            **_moe_hf_dict(self),
             "architectures": [self.architecture],
             "model_type": MODEL_TYPES[self.architecture],
             "vocab_size": self.vocab_size,
@@ -346,7 +434,8 @@ class ModelConfig:
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
+            "hidden_activation": self.hidden_act,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope,
@@ -354,10 +443,19 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
+            "pad_token_id": None,  # Phi-3's config class would default it to 32000, past small vocabularies
             "initializer_range": self.initializer_range,
             "attention_bias": self.attention_bias,
             "sliding_window": self.sliding_window,
-            "use_sliding_window": False,
+            "use_sliding_window": self.sliding_window is not None,
+            **({} if self.layer_types is None else {"layer_types": list(self.layer_types)}),
+            **({} if not self.gemma else {
+                # transformers types it int
+                "query_pre_attn_scalar": (int(self.query_pre_attn_scalar) if self.query_pre_attn_scalar is not None
+                                          and float(self.query_pre_attn_scalar).is_integer()
+                                          else self.query_pre_attn_scalar),
+                "attn_logit_softcapping": self.attn_logit_softcapping,
+                "final_logit_softcapping": self.final_logit_softcapping}),
             "dtype": self.dtype,
             "torch_dtype": self.dtype,  # the key transformers 4.x reads
         }
@@ -366,28 +464,174 @@ class ModelConfig:
 def _reject_unimplemented(hf: Mapping[str, Any], architecture: str) -> None:
     """Fail on config features that would silently change the model if ignored."""
     problems = []
-    if hf.get("hidden_act", "silu") != "silu":
+    if architecture in GEMMA_ARCHITECTURES:
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            problems.append(f"hidden_activation={act!r} (only 'gelu_pytorch_tanh')")
+        if hf.get("use_bidirectional_attention"):
+            problems.append("use_bidirectional_attention=true")
+        if architecture == "Gemma3ForCausalLM" and hf.get("attn_logit_softcapping") is not None:
+            # transformers' Gemma 3 reads the field but never caps its scores: ambiguous.
+            problems.append("attn_logit_softcapping on Gemma 3 (transformers does not apply it)")
+    elif hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
-    # Llama's attention_bias also puts a bias on o_proj; Qwen2's q/k/v biases are built in.
-    flags = ("mlp_bias", "use_sliding_window") + (() if architecture == "Qwen2ForCausalLM" else ("attention_bias",))
-    for flag in flags:
-        if hf.get(flag):
-            problems.append(f"{flag}=true")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias=true")
+    # Llama's (and Qwen3's, Mistral's) attention_bias also puts a bias on o_proj; Qwen2's
+    # q/k/v biases are built in.
+    if hf.get("attention_bias") and architecture != "Qwen2ForCausalLM":
+        problems.append("attention_bias=true")
     layer_types = hf.get("layer_types") or []
+    # Sliding layers are served as full attention, which is exact only while the window
+    # covers max_model_len: RunnerConfig checks `sliding_window` against it.
     if not isinstance(layer_types, list):
         problems.append(f"layer_types={layer_types!r} (expected a list of 'full_attention')")
-    elif any(t != "full_attention" for t in layer_types):
+    elif any(t not in ("full_attention", "sliding_attention") for t in layer_types):
         problems.append(f"layer_types other than 'full_attention': {sorted(set(map(str, layer_types)))}")
+    rope = hf.get("rope_parameters")
+    rope_fraction = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
+    if _default(hf.get("partial_rotary_factor"), _default(rope_fraction, 1.0)) != 1.0:
+        problems.append("partial_rotary_factor other than 1.0")
+    if hf.get("router_jitter_noise"):
+        problems.append(f"router_jitter_noise={hf['router_jitter_noise']!r} (only 0)")
     if problems:
         raise ValueError("config.json uses features this runner does not implement: " + "; ".join(problems))
 
 
-def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
+def _default(value: Any, default: Any) -> Any:
+    """`value`, or `default` where config.json leaves it out or writes null."""
+    return default if value is None else value
+
+
+def _sliding_window(hf: Mapping[str, Any], architecture: str) -> int | None:
+    """The attention window the checkpoint uses, None for full attention.
+
+    Qwen2 and Qwen3 carry a `sliding_window` they use only with `use_sliding_window`;
+    Mistral, Mixtral and Phi-3 use theirs whenever it is set; Gemma always (4096 unless set).
+    """
+    if architecture in GEMMA_ARCHITECTURES:
+        return hf.get("sliding_window", 4096)
+    flag = hf.get("use_sliding_window")
+    if flag is False or (flag is None and "use_sliding_window" in hf):
+        return None
+    return hf.get("sliding_window")
+
+
+def _layer_types(hf: Mapping[str, Any], architecture: str) -> tuple[str, ...] | None:
+    """Which layers use the window, as transformers derives them: `layer_types` when
+    config.json has it; else Qwen2/Qwen3 slide from layer `max_window_layers` on, Gemma 2
+    alternates (even layers slide), Gemma 3 makes every `sliding_window_pattern`-th layer
+    (default 6) global. The other families window every layer (None) when they have a window."""
+    if (architecture not in GEMMA_ARCHITECTURES + ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+            or _sliding_window(hf, architecture) is None):
+        return None
+    n = hf.get("num_hidden_layers")
+    if isinstance(hf.get("layer_types"), list):
+        return tuple(hf["layer_types"])
+    if not _is_int(n):
+        return None  # the record's validation names the bad layer count
+    if architecture in GEMMA_ARCHITECTURES:
+        pattern = 2 if architecture == "Gemma2ForCausalLM" else hf.get("sliding_window_pattern", 6)
+        if not _is_int(pattern) or pattern <= 0:
+            raise ValueError(f"config.json field 'sliding_window_pattern': expected a positive int, got {pattern!r}")
+        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n))
+    first = hf.get("max_window_layers", 28)
+    if not _is_int(first):
+        raise ValueError(f"config.json field 'max_window_layers': expected an int, got {first!r}")
+    return tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
+
+
+def _rope_sections(hf: Mapping[str, Any], architecture: str) -> tuple[Mapping[str, Any], float | None]:
+    """(RoPE parameters of the global layers, RoPE base of the local ones or None).
+
+    Gemma 3 gives its sliding layers their own unscaled RoPE: transformers 5 writes
+    `rope_parameters` per layer type, older configs `rope_local_base_freq` (default 10000).
+    """
+    params = hf.get("rope_parameters")
+    rope = params or hf.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise ValueError(f"config.json field 'rope_parameters'/'rope_scaling': expected an object, got {rope!r}")
+    if architecture != "Gemma3ForCausalLM":
+        return rope, None
+    if isinstance(params, Mapping) and ("full_attention" in params or "sliding_attention" in params):
+        rope, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        if not isinstance(rope, Mapping) or not isinstance(local, Mapping):
+            raise ValueError(f"config.json field 'rope_parameters': expected objects per layer type, got {params!r}")
+        if _rope_kind(local) != "default":
+            raise ValueError(f"unsupported rope scaling type {_rope_kind(local)!r} on sliding_attention layers; "
+                             "supported there: 'default'")
+        return rope, _hf_float(local, "rope_theta", 10000.0, "rope_parameters.sliding_attention")
+    return rope, _hf_float(hf, "rope_local_base_freq", 10000.0)
+
+
+def _gemma_fields(hf: Mapping[str, Any], architecture: str) -> dict[str, Any]:
+    """Gemma's activation, attention scale and soft-caps (transformers' defaults where
+    config.json leaves a field out; null turns a cap off)."""
+    if architecture not in GEMMA_ARCHITECTURES:
+        return {}
+    gemma2 = architecture == "Gemma2ForCausalLM"
+
+    def number(key: str, default: float | None) -> float | None:
+        value = hf.get(key, default)
+        return None if value is None else _hf_float(hf, key, default)
+
+    return dict(hidden_act=hf.get("hidden_activation") or "gelu_pytorch_tanh",
+                query_pre_attn_scalar=number("query_pre_attn_scalar", 256.0),
+                attn_logit_softcapping=number("attn_logit_softcapping", 50.0 if gemma2 else None),
+                final_logit_softcapping=number("final_logit_softcapping", 30.0 if gemma2 else None))
+
+
+def _moe(hf: Mapping[str, Any], architecture: str) -> MoeConfig | None:
+    """Qwen3-MoE's and Mixtral's expert fields (transformers 5 writes `num_local_experts`
+    for both; Qwen3-MoE checkpoints of 4.x say `num_experts`)."""
+    if architecture not in MOE_ARCHITECTURES:
+        return None
+    is_mixtral = architecture == "MixtralForCausalLM"
+    return MoeConfig(
+        num_experts=hf.get("num_local_experts") or hf.get("num_experts"),
+        num_experts_per_tok=hf.get("num_experts_per_tok"),
+        intermediate_size=hf["intermediate_size"] if is_mixtral else hf.get("moe_intermediate_size"),
+        # Mixtral always renormalises the top-k weights.
+        norm_topk_prob=True if is_mixtral else hf.get("norm_topk_prob", False),
+        decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+    )
+
+
+def _moe_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The expert fields of `config.json` (none for dense families)."""
+    if cfg.moe is None:
+        return {}
+    m = cfg.moe
+    fields = {"num_local_experts": m.num_experts, "num_experts": m.num_experts,
+              "num_experts_per_tok": m.num_experts_per_tok}
+    if cfg.architecture == "MixtralForCausalLM":
+        return fields
+    return {**fields, "moe_intermediate_size": m.intermediate_size, "norm_topk_prob": m.norm_topk_prob,
+            "decoder_sparse_step": m.decoder_sparse_step, "mlp_only_layers": list(m.mlp_only_layers)}
+
+
+def _rope_kind(rope: Mapping[str, Any]) -> str:
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind in (None, "default"):
+    return "default" if kind is None else kind
+
+
+def _rope_linear(rope: Mapping[str, Any]) -> float | None:
+    if _rope_kind(rope) != "linear":
+        return None
+    factor = _hf_float(rope, "factor", None, "rope_parameters")
+    if factor is None:
+        raise ValueError("linear rope scaling lacks 'factor'")
+    return factor
+
+
+def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
+    kind = _rope_kind(rope)
+    if kind in ("default", "linear"):
         return None
     if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'default', 'llama3'")
+        # Phi-3's longrope (alias su) rescales per frequency with two tables: not implemented.
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', 'llama3'")
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
                if rope.get(k) is None]
     if missing:
@@ -540,10 +784,6 @@ class RunnerConfig:
         max_len, max_pos = self.scheduler_config.max_model_len, self.model_config.max_position_embeddings
         _require(max_len <= max_pos, "SchedulerConfig", "max_model_len",
                  f"{max_len} exceeds the model's max_position_embeddings ({max_pos})")
-        window = self.model_config.sliding_window
-        _require(window is None or window >= max_len, "ModelConfig", "sliding_window",
-                 f"{window} is shorter than max_model_len ({max_len}): sliding-window attention is not "
-                 f"implemented; serve with max_model_len <= {window}, where the window covers every position")
         heads, kv_heads = self.model_config.num_attention_heads, self.model_config.num_key_value_heads
         tp = self.parallel_config.tensor_parallel_size
         _require(heads % tp == 0, "ParallelConfig", "tensor_parallel_size",
@@ -599,10 +839,16 @@ def _merge(record: Any, overrides: Mapping[str, Any], path: str) -> Any:
                     raise ValueError(f"{path}{key}: {e}") from e
             else:
                 value = _merge(current, value, f"{path}{key}.")
-        elif isinstance(current, tuple) and isinstance(value, Sequence) and not isinstance(value, str):
+        elif _is_tuple_field(hints[key]) and isinstance(value, Sequence) and not isinstance(value, str):
             value = tuple(value)  # JSON-style lists stay hashable
         changes[key] = value
     return dataclasses.replace(record, **changes)
+
+
+def _is_tuple_field(hint: Any) -> bool:
+    """Whether a field's hint is a tuple (`tuple[int, ...]`, `tuple[str, ...] | None`)."""
+    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return any(typing.get_origin(c) is tuple for c in candidates)
 
 
 def _record_type(hint: Any) -> type | None:

@@ -12,6 +12,8 @@ Logical axis names (mapped to mesh axes by one rules table in `runner/sharding.p
     kv_heads  flattened key/value heads K*Dh
     mlp       MLP intermediate width F
     head_dim  per-head width Dh (q/k norm weights)
+    experts   the expert of a stacked `[E, ...]` MoE leaf
+    moe_mlp   one expert's intermediate width
 """
 
 from __future__ import annotations
@@ -53,9 +55,15 @@ class LayerParams:
     q_norm: Any  # [Dh], None without qk_norm
     k_norm: Any  # [Dh], None without qk_norm
     mlp_norm: Any  # [D]
+    attn_post_norm: Any  # [D], on the attention output (Gemma); None elsewhere
+    mlp_post_norm: Any  # [D], on the MLP output (Gemma); None elsewhere
     w_gate: Any  # [D, F]
     w_up: Any  # [D, F]
-    w_down: Any  # [F, D]
+    w_down: Any  # [F, D]; w_gate, w_up, w_down are None in sparse (MoE) layers
+    router: Any  # [D, E]; router and experts are None in dense layers
+    moe_gate: Any  # [E, D, Fe]
+    moe_up: Any  # [E, D, Fe]
+    moe_down: Any  # [E, Fe, D]
     k_scale: Any  # [] float32: FP8 KV cache stores k / k_scale
     v_scale: Any  # [] float32
 
@@ -84,27 +92,40 @@ def param_specs(cfg: ModelConfig) -> Params:
 
     # KV scales stay float32 whatever the model dtype: they divide values before the FP8 cast.
     scale = ParamSpec((), jnp.dtype(jnp.float32), (), "ones")
-    layer = LayerParams(
-        attn_norm=norm(D, "embed"),
-        wq=w((D, HDh), ("embed", "q_heads")),
-        wk=w((D, KDh), ("embed", "kv_heads")),
-        wv=w((D, KDh), ("embed", "kv_heads")),
-        wo=w((HDh, D), ("q_heads", "embed")),
-        bq=w((HDh,), ("q_heads",)) if cfg.attention_bias else None,
-        bk=w((KDh,), ("kv_heads",)) if cfg.attention_bias else None,
-        bv=w((KDh,), ("kv_heads",)) if cfg.attention_bias else None,
-        q_norm=norm(cfg.head_dim, "head_dim") if cfg.qk_norm else None,
-        k_norm=norm(cfg.head_dim, "head_dim") if cfg.qk_norm else None,
-        mlp_norm=norm(D, "embed"),
-        w_gate=w((D, F), ("embed", "mlp")),
-        w_up=w((D, F), ("embed", "mlp")),
-        w_down=w((F, D), ("mlp", "embed")),
-        k_scale=scale,
-        v_scale=scale,
-    )
+    bias = cfg.attention_bias
+
+    def layer(i: int) -> LayerParams:
+        sparse, dense = cfg.is_sparse(i), not cfg.is_sparse(i)
+        E, Fe = (cfg.moe.num_experts, cfg.moe.intermediate_size) if sparse else (0, 0)
+        return LayerParams(
+            attn_norm=norm(D, "embed"),
+            wq=w((D, HDh), ("embed", "q_heads")),
+            wk=w((D, KDh), ("embed", "kv_heads")),
+            wv=w((D, KDh), ("embed", "kv_heads")),
+            wo=w((HDh, D), ("q_heads", "embed")),
+            bq=w((HDh,), ("q_heads",)) if bias else None,
+            bk=w((KDh,), ("kv_heads",)) if bias else None,
+            bv=w((KDh,), ("kv_heads",)) if bias else None,
+            q_norm=norm(cfg.head_dim, "head_dim") if cfg.qk_norm else None,
+            k_norm=norm(cfg.head_dim, "head_dim") if cfg.qk_norm else None,
+            mlp_norm=norm(D, "embed"),
+            attn_post_norm=norm(D, "embed") if cfg.gemma else None,
+            mlp_post_norm=norm(D, "embed") if cfg.gemma else None,
+            w_gate=w((D, F), ("embed", "mlp")) if dense else None,
+            w_up=w((D, F), ("embed", "mlp")) if dense else None,
+            w_down=w((F, D), ("mlp", "embed")) if dense else None,
+            # The router is small and every device routes every token: replicated.
+            router=w((D, E), ("embed", None)) if sparse else None,
+            moe_gate=w((E, D, Fe), ("experts", "embed", "moe_mlp")) if sparse else None,
+            moe_up=w((E, D, Fe), ("experts", "embed", "moe_mlp")) if sparse else None,
+            moe_down=w((E, Fe, D), ("experts", "moe_mlp", "embed")) if sparse else None,
+            k_scale=scale,
+            v_scale=scale,
+        )
+
     return Params(
         embed=w((V, D), ("vocab", "embed")),
-        layers=tuple(layer for _ in range(cfg.num_hidden_layers)),
+        layers=tuple(layer(i) for i in range(cfg.num_hidden_layers)),
         final_norm=norm(D, "embed"),
         lm_head=None if cfg.tie_word_embeddings else w((D, V), ("embed", "vocab")),
     )

@@ -142,16 +142,22 @@ def test_causal_run_stops_at_the_last_position_of_the_tile():
     assert int(runs.steps) == 4
 
 
+def decode_batch(rng: np.random.Generator) -> tuple[Batch, np.ndarray]:
+    """A decode batch of eight sequences (one of them padding) over 4 blocks each."""
+    lens = np.array([1, 7, 13, 16, 0, 3, 9, 2], np.int32)
+    B, Nb = len(lens), 4
+    tables = rng.permutation(P)[:B * Nb].reshape(B, Nb).astype(np.int32)
+    return Batch(token_ids=np.zeros(B, np.int32), positions=np.maximum(lens - 1, 0),
+                 slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
+                 block_tables=tables, seq_lens=lens), lens
+
+
 @pytest.mark.parametrize("H, K", [(4, 4), (6, 2)])
 def test_decode_through_the_tiled_path_matches_reference(H, K):
     rng = np.random.default_rng(H * 10 + K)
     ref_cache, pal_cache = _caches(K, rng, jnp.float32)
-    lens = np.array([1, 7, 13, 16, 0, 3, 9, 2], np.int32)
-    B, Nb = len(lens), 4
-    tables = rng.permutation(P)[:B * Nb].reshape(B, Nb).astype(np.int32)
-    batch = Batch(token_ids=np.zeros(B, np.int32), positions=np.maximum(lens - 1, 0),
-                  slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
-                  block_tables=tables, seq_lens=lens)
+    batch, lens = decode_batch(rng)
+    B = len(lens)
     q = jnp.asarray(rng.standard_normal((B, H, Dh)).astype(np.float32))
     expected = attention.paged_attention(q, ref_cache, batch, ONE, ONE)
     general = pallas_attention.decode_as_general(jax.tree.map(jnp.asarray, batch), S)
@@ -187,3 +193,80 @@ def test_llm_from_params_pallas_matches_reference_with_chunked_prefill():
                   num_kv_blocks=64, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, sampling, use_tqdm=False)]
     assert outs["pallas"] == outs["reference"]
+
+
+# -- sliding windows and soft-capping ----------------------------------------------------------
+
+def _dense_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
+                     spec: attention.AttentionSpec) -> np.ndarray:
+    """Attention of one sequence written out densely in numpy: `q: [T, H, Dh]`, keys at
+    positions 0..L-1 (`k, v: [L, K, Dh]`), a query at p sees keys p - window < j <= p."""
+    H, K = q.shape[1], k.shape[1]
+    kk, vv = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)  # [L, H, Dh]
+    scores = np.einsum("thd,lhd->htl", q, kk) * spec.scale
+    if spec.softcap is not None:
+        scores = spec.softcap * np.tanh(scores / spec.softcap)
+    j, p = np.arange(k.shape[0])[None, :], positions[:, None]
+    visible = (j <= p) & ((j > p - spec.window) if spec.window is not None else True)
+    scores = np.where(visible[None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("htl,lhd->thd", probs, vv)
+
+
+@pytest.mark.parametrize("window, softcap", [(1, None), (5, None), (8, 3.0), (None, 3.0)])
+def test_reference_window_and_cap_are_the_dense_maths(window, softcap):
+    rng = np.random.default_rng(7)
+    ref_cache, _ = _caches(2, rng, jnp.float32)
+    batch = general_batch([(9, 20)], rng)  # positions 9..19 over cached keys 0..19
+    T, live = batch.token_seq.shape[0], batch.token_seq >= 0
+    q = rng.standard_normal((T, 4, Dh)).astype(np.float32)
+    spec = attention.AttentionSpec(scale=0.3, softcap=softcap, window=window)
+    got = np.asarray(attention.flat_attention(jnp.asarray(q), ref_cache, batch, ONE, ONE, spec=spec))[live]
+    blocks = np.asarray(ref_cache.k)[batch.key_block_ids[:5]].reshape(20, 2, Dh)
+    values = np.asarray(ref_cache.v)[batch.key_block_ids[:5]].reshape(20, 2, Dh)
+    expected = _dense_reference(q[live], blocks, values, batch.positions[live], spec)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 13])
+@pytest.mark.parametrize("tiles", [{}, {"q_tile": 8, "key_tile_keys": 8}], ids=["default", "small"])
+def test_tiled_window_matches_reference(window, tiles):
+    rng = np.random.default_rng(window)
+    ref_cache, pal_cache = _caches(2, rng, jnp.float32)
+    batch = general_batch(SPANS + [(0, 40)], rng)
+    T = batch.token_seq.shape[0]
+    q = jnp.asarray(rng.standard_normal((T, 6, Dh)), jnp.float32)
+    spec = attention.AttentionSpec(scale=0.25, softcap=5.0, window=window)
+    expected = attention.flat_attention(q, ref_cache, batch, ONE, ONE, spec=spec)
+    got = jax.jit(lambda q, c, b: flash_attention.flash_attention(q, c, b, ONE, ONE, spec=spec, **tiles))(
+        q, pal_cache, batch)
+    live = batch.token_seq >= 0
+    np.testing.assert_allclose(np.asarray(got)[live], np.asarray(expected)[live], atol=1e-5)
+
+
+def test_a_window_skips_the_blocks_behind_it():
+    rng = np.random.default_rng(2)
+    batch = jax.tree.map(jnp.asarray, general_batch([(0, 32)], rng))  # 8 blocks of 4, tiles of 8
+    runs = jax.device_get(flash_attention.tile_runs(batch, tq=8, key_tile=2, window=8, block_size=S))
+    # Tile i starts at position 8i: blocks ending at or before 8i - 8 are behind its window.
+    np.testing.assert_array_equal(runs.lo, [0, 0, 2, 4])
+    np.testing.assert_array_equal(runs.hi, [2, 4, 6, 8])
+    assert int(runs.steps) == 2
+
+
+@pytest.mark.parametrize("window", [1, 6, None])
+def test_windowed_decode_on_both_backends_matches_the_general_reader(window):
+    rng = np.random.default_rng(11)
+    ref_cache, pal_cache = _caches(2, rng, jnp.float32)
+    batch, lens = decode_batch(rng)
+    B = len(lens)
+    q = jnp.asarray(rng.standard_normal((B, 4, Dh)).astype(np.float32))
+    spec = attention.AttentionSpec(scale=0.2, softcap=None if window is None else 4.0, window=window)
+    decoded = attention.paged_attention(q, ref_cache, batch, ONE, ONE, spec)
+    general = pallas_attention.decode_as_general(jax.tree.map(jnp.asarray, batch), S)
+    expected = attention.flat_attention(q, ref_cache, general, ONE, ONE, spec=spec)
+    pallas = pallas_attention.paged_attention(q, pal_cache, jax.tree.map(jnp.asarray, batch), ONE, ONE, spec)
+    live = lens > 0
+    np.testing.assert_allclose(np.asarray(decoded)[live], np.asarray(expected)[live], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(pallas)[live], np.asarray(expected)[live], atol=1e-5)

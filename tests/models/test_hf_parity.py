@@ -36,7 +36,8 @@ def _our_logits(llm: LLM, tokens: list[int], start: int) -> np.ndarray:
     llm.runner._state = type(state)(**{**state.__dict__, "kv_cache": kv})
     for s in out.scheduled:
         s.request.num_computed_tokens = s.end
-    return np.asarray(compute_logits(state.params, hidden))[:len(tokens) - start]
+    logits = compute_logits(state.params, hidden, state.config.model_config.final_logit_softcapping)
+    return np.asarray(logits)[:len(tokens) - start]
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -9,8 +9,8 @@ import typing
 import pytest
 
 from runner import lifecycle
-from state.config import (SECTIONS, CacheConfig, Effect, ModelConfig, RunnerConfig, SchedulerConfig,
-                          describe_effects)
+from state.config import (SECTIONS, CacheConfig, Effect, ModelConfig, MoeConfig, RunnerConfig,
+                          SchedulerConfig, describe_effects)
 from state.runner_state import RunnerState
 
 BASE = RunnerConfig(
@@ -21,6 +21,12 @@ BASE = RunnerConfig(
     cache_config=CacheConfig(num_blocks=16),
     scheduler_config=SchedulerConfig(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=128),
 )
+
+# Fields only one kind of model has are changed on such a model.
+MOE_BASE = dataclasses.replace(BASE, model_config=dataclasses.replace(
+    BASE.model_config, architecture="Qwen3MoeForCausalLM",
+    moe=MoeConfig(num_experts=4, num_experts_per_tok=2, intermediate_size=16, norm_topk_prob=False)))
+BASES = {"model_config.moe": MOE_BASE}
 
 # A valid other value for every field of every section.
 OTHER_VALUES: dict[str, object] = {
@@ -34,12 +40,20 @@ OTHER_VALUES: dict[str, object] = {
     "model_config.head_dim": 16,
     "model_config.tie_word_embeddings": True,
     "model_config.dtype": "bfloat16",
-    "model_config.attention_bias": True,
-    "model_config.sliding_window": 4096,
     "model_config.rms_norm_eps": 1e-5,
     "model_config.rope_theta": 500000.0,
     "model_config.rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                   "original_max_position_embeddings": 64},
+    "model_config.attention_bias": True,
+    "model_config.sliding_window": 256,
+    "model_config.rope_linear_factor": 2.0,
+    "model_config.rope_local_theta": 1000.0,
+    "model_config.hidden_act": "gelu_pytorch_tanh",
+    "model_config.layer_types": ["sliding_attention", "full_attention"],
+    "model_config.query_pre_attn_scalar": 16.0,
+    "model_config.attn_logit_softcapping": 50.0,
+    "model_config.final_logit_softcapping": 30.0,
+    "model_config.moe": {"num_experts": 8},
     "model_config.model": "/some/other/folder",
     "model_config.max_position_embeddings": 256,
     "model_config.bos_token_id": 3,
@@ -72,8 +86,8 @@ def all_fields() -> list[tuple[str, Effect]]:
             for section in SECTIONS for f in dataclasses.fields(hints[section])]
 
 
-def state() -> RunnerState:
-    return RunnerState(config=BASE, params=None, kv_cache=None, num_blocks=16,
+def state(config: RunnerConfig = BASE) -> RunnerState:
+    return RunnerState(config=config, params=None, kv_cache=None, num_blocks=16,
                        param_shardings=None, kv_shardings=None)
 
 
@@ -85,12 +99,13 @@ def test_every_field_has_a_value_to_change_to():
 def test_refusal_follows_the_effect_of_the_field(name, effect):
     section, field_name = name.split(".")
     overrides = {section: {field_name: OTHER_VALUES[name]}}
+    base = BASES.get(name, BASE)
     if effect in (Effect.RESTART, Effect.REALLOCATE):
         with pytest.raises(ValueError, match=rf"^{name} cannot change on a running runner"):
-            lifecycle.update_config(state(), overrides)
+            lifecycle.update_config(state(base), overrides)
     else:
-        new = lifecycle.update_config(state(), overrides)
-        assert getattr(getattr(new.config, section), field_name) != getattr(getattr(BASE, section), field_name)
+        new = lifecycle.update_config(state(base), overrides)
+        assert getattr(getattr(new.config, section), field_name) != getattr(getattr(base, section), field_name)
 
 
 def test_describe_effects_prints_the_table_the_refusals_follow():

@@ -99,7 +99,7 @@ def test_mutating_the_callers_arrays_after_a_reload_changes_nothing(folder, kind
         from models.checkpoint import checkpoint_name
         named = []
         for path, a in arrays.items():
-            name, transpose = checkpoint_name(path)
+            name, transpose = checkpoint_name(path, llm.config.model_config)
             named.append((name, a.T if transpose else a))
         llm.reload_weights(weights_iterator=named)
     for a in arrays.values():

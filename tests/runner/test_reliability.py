@@ -202,8 +202,8 @@ BAD_CONFIGS = {
     "layer_types not a list": ({"layer_types": 5}, r"layer_types=5 \(expected a list of 'full_attention'\)"),
     "architectures a string": ({"architectures": "Qwen3ForCausalLM"},
                                r"unsupported architectures 'Qwen3ForCausalLM'; supported: Qwen3ForCausalLM"),
-    "unsupported architecture": ({"architectures": ["MixtralForCausalLM"]},
-                                 r"unsupported architectures \['MixtralForCausalLM'\]; supported"),
+    "unsupported architecture": ({"architectures": ["DeepseekV3ForCausalLM"]},
+                                 r"unsupported architectures \['DeepseekV3ForCausalLM'\]; supported"),
 }
 
 

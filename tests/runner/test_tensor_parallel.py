@@ -144,7 +144,7 @@ def test_axes_that_do_not_divide_fall_back_to_replication():
     assert sharding.partition_spec(("embed", "q_heads"), units, mesh(4)) == P()
     assert sharding.partition_spec(("embed", "q_heads"), units, mesh(3)) == P(None, M)
     with pytest.raises(KeyError, match="no sharding rule"):
-        sharding.partition_spec(("experts",), units, mesh(2))
+        sharding.partition_spec(("stages",), units, mesh(2))
 
 
 @pytest.mark.parametrize("backend, spec_tp2, spec_tp4", [("reference", P(None, None, M), P()),

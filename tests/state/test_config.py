@@ -130,12 +130,14 @@ def test_from_pretrained_reads_llama3_rope_in_both_spellings(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"architectures": ["MixtralForCausalLM"]}, "unsupported architectures"),
-    ({"use_sliding_window": True}, "use_sliding_window=true"),
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, "unsupported architectures"),
     ({"attention_bias": True}, "attention_bias=true"),
+    ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling type 'yarn'"),
-    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types other than"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "unsupported rope scaling type 'longrope'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor other than 1.0"),
+    ({"layer_types": ["full_attention", "chunked_attention"]}, "layer_types other than"),
 ])
 def test_unimplemented_features_are_refused(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
