@@ -196,7 +196,8 @@ def workloads(draw):
         params = dict(max_tokens=max_tokens, min_tokens=draw(st.integers(0, max_tokens)),
                       ignore_eos=draw(st.booleans()),
                       prompt_logprobs=draw(st.sampled_from([None, None, None, 0])))
-        arrivals.append((draw(st.integers(0, 6)), prompt, params))
+        # Copies arriving together (n samples, equal prompts) share blocks within a step.
+        arrivals += [(draw(st.integers(0, 6)), prompt, params)] * draw(st.sampled_from([1, 1, 1, 2, 3]))
     return settings_, arrivals
 
 
