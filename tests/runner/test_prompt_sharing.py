@@ -15,12 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention, flash_attention
 from runner import LLM, SamplingParams
-from runner.loader import dummy_params
-from state.batch import Batch, bucket
-from state.config import ModelConfig
-from state.kv_cache import KVCache
+from tests.models.test_flash_attention import _compare, tiny_model
 from tests.runner.test_scheduler import MODEL, drive, make_request, make_scheduler
 
 BLOCK = 16
@@ -158,39 +154,15 @@ def test_equal_prompts_in_one_call_compute_the_prompt_once(engines):
 
 def test_flash_attention_reads_a_block_listed_under_two_sequences():
     """Sequence 1 reuses sequence 0's first three blocks (as a follower does in its step):
-    both readers must see them under both owners."""
-    S, P, K, H, Dh = 4, 16, 2, 4, 8
-    rng = np.random.default_rng(1)
-    k = jnp.asarray(rng.standard_normal((P, S, K, Dh)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((P, S, K, Dh)), jnp.float32)
+    the tiled reader must see them under both owners, as the reference reader does."""
     spans, blocks = [(0, 14), (12, 15)], [[5, 2, 9, 7], [5, 2, 9, 11]]
-    T, N_ = bucket(sum(e - s for s, e in spans), 8), bucket(sum(len(b) for b in blocks))
-    positions, token_seq = np.zeros(T, np.int32), np.full(T, -1, np.int32)
-    ids, block_seq, block_pos = np.zeros(N_, np.int32), np.full(N_, -2, np.int32), np.zeros(N_, np.int32)
-    t = n = 0
-    for i, ((start, end), b) in enumerate(zip(spans, blocks)):
-        positions[t:t + end - start], token_seq[t:t + end - start] = np.arange(start, end), i
-        ids[n:n + len(b)], block_seq[n:n + len(b)], block_pos[n:n + len(b)] = b, i, np.arange(len(b)) * S
-        t, n = t + end - start, n + len(b)
-    batch = Batch(token_ids=np.zeros(T, np.int32), positions=positions, slot_mapping=np.full(T, -1, np.int32),
-                  logits_indices=np.zeros(1, np.int32), token_seq=token_seq, key_block_ids=ids,
-                  key_block_seq=block_seq, key_block_pos=block_pos)
-    q = jnp.asarray(rng.standard_normal((T, H, Dh)), jnp.float32)
-    one = jnp.float32(1.0)
-    expected = attention.flat_attention(q, KVCache(k, v), batch, one, one)
-    pal = KVCache(k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3))
     for tiles in ({}, {"q_tile": 8, "key_tile_keys": 4}):
-        got = jax.jit(lambda q, c, b: flash_attention.flash_attention(q, c, b, one, one, **tiles))(q, pal, batch)
-        live = token_seq >= 0
-        np.testing.assert_allclose(np.asarray(got)[live], np.asarray(expected)[live], rtol=1e-5, atol=1e-5)
+        got, expected = _compare(4, 2, jnp.float32, spans, seed=1, blocks=blocks, **tiles)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_backend_shares_the_prompt_and_matches_reference():
-    cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=101, hidden_size=48,
-                      intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
-                      max_position_embeddings=128, initializer_range=0.3)
-    params = dummy_params(cfg, seed=0)
+    cfg, params = tiny_model()
     prompt = np.random.default_rng(2).integers(0, 101, 30).tolist()  # 7 full blocks of 4 + 2
     sampling = SamplingParams(n=4, temperature=0.8, seed=3, max_tokens=4, ignore_eos=True)
     outs = {}
