@@ -4,9 +4,11 @@ Each step has a token budget (`max_num_batched_tokens`) and a sequence limit
 (`max_num_seqs`). Running requests are served first, in admission order: a decode takes
 one token, an unfinished prompt the next chunk that fits. Waiting requests are then
 admitted while budget, sequence slots and KV blocks last, each starting after the longest
-prefix the block pool already holds. When a running request needs a block and none is
-free, the most recently admitted request is preempted: its blocks are freed, its progress
-reset to zero, and it goes back to the front of the queue with its outputs kept.
+prefix the block pool already holds or a request scheduled earlier in the same step writes
+(so the `n` samples of one prompt compute it once). When a running request needs a block
+and none is free, the most recently admitted request is preempted: its blocks are freed,
+its progress reset to zero, and it goes back to the front of the queue with its outputs
+kept.
 
 When every running request decodes, a step is a decode window of `num_steps` tokens per
 request (see `_window`): the KV slots of the whole window are reserved up front, and a
@@ -49,7 +51,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
     num_cached_prompt_tokens: int = 0  # of those, served from the prefix cache
-    num_computed_tokens: int = 0  # tokens run through the model
+    num_computed_tokens: int = 0  # positions run through the model (a window's: those kept)
 
 
 @dataclass
@@ -143,10 +145,14 @@ class Scheduler:
             budget -= n
         # No admission into a window: a one-token prefill would run the window's steps on
         # slots nobody reserved (a request preempted above waits for the next step).
+        written: dict[bytes, int] | None = None
         while self.waiting and out.num_steps == 1 and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            if not self._admit(request, budget, out):
+            if written is None:  # nothing preempts from here on: these chunks all run
+                written = self._blocks_written(out.scheduled)
+            if not self._admit(request, budget, out, written):
                 break
+            written.update(self._blocks_written(out.scheduled[-1:]))
             budget -= out.scheduled[-1].num_tokens
         if not out.scheduled and self.has_unfinished():
             # Every live request fits the pool alone (`check_fits`), so an empty step means
@@ -156,7 +162,6 @@ class Scheduler:
                 f"waiting, {self.pool.num_free_blocks} of {self.pool.num_blocks} KV blocks free "
                 "(abort the requests, e.g. by interrupting generate, and submit them again)")
         self.stats.num_steps += 1
-        self.stats.num_computed_tokens += out.num_tokens
         return out
 
     def _window(self) -> int:
@@ -196,13 +201,33 @@ class Scheduler:
         return sum(max(self._blocks_for(r.num_computed_tokens + self.window_tokens(r, num_steps))
                        - len(r.block_ids), 0) for r in self.running)
 
-    def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
-        """Start (or resume) the request at the head of the queue, if it fits now."""
+    def _blocks_written(self, scheduled: Iterable[ScheduledRequest]) -> dict[bytes, int]:
+        """Hash -> block of the full blocks the `scheduled` chunks complete in this step.
+
+        A forward writes every token's KV before attention reads any, so a request admitted
+        later in the same step can start after these blocks, as after a prefix-cache hit:
+        the `n` samples of one prompt, or equal prompts, compute the prompt once.
+        """
+        written: dict[bytes, int] = {}
+        if not self.pool.enable_caching:
+            return written
+        for s in scheduled:
+            request = s.request
+            digests = self.pool.next_hashes(request.block_hashes, request.all_token_ids,
+                                            s.end // self.block_size)
+            for i, digest in enumerate(digests, start=len(request.block_hashes)):
+                written.setdefault(digest, request.block_ids[i])
+        return written
+
+    def _admit(self, request: Request, budget: int, out: SchedulerOutput,
+               written: dict[bytes, int]) -> bool:
+        """Start (or resume) the request at the head of the queue, if it fits now. It starts
+        after the prefix it finds cached or `written` by this step's earlier chunks."""
         first_admission = request.num_preemptions == 0
         tokens = request.all_token_ids
         # Prompt logprobs need every prompt position computed: such requests skip the cache.
         wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
-        blocks, hashes = ([], []) if wants_prompt_logprobs else self.pool.lookup_prefix(tokens)
+        blocks, hashes = ([], []) if wants_prompt_logprobs else self.pool.lookup_prefix(tokens, written)
         # At least one token must run through the model to produce the next token's logits.
         while blocks and len(blocks) * self.block_size >= len(tokens):
             self.pool.free([blocks.pop()])
@@ -272,6 +297,7 @@ class Scheduler:
         """
         request = s.request
         request.num_computed_tokens = s.end + num_tokens - 1
+        self.stats.num_computed_tokens += request.num_computed_tokens - s.start
         self.pool.cache_blocks(request.block_ids, request.block_hashes, request.all_token_ids,
                                request.num_computed_tokens // self.block_size)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -95,19 +95,29 @@ class BlockPool:
                 self.free_queue.pop(block, None)
             raise
 
-    def lookup_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
+    def lookup_prefix(self, token_ids: Sequence[int],
+                      pending: Mapping[bytes, int] | None = None) -> tuple[list[int], list[bytes]]:
         """The cached blocks of the longest cached prefix of `token_ids`, and their hashes.
+
+        `pending` adds blocks not cached yet (hash -> block) whose KV is written before any
+        reader of them runs: the full blocks that requests already scheduled in the current
+        step complete. Those are held by their writers, so taking them only adds a reference.
 
         Takes a reference to each block returned (reviving it from the free queue).
         """
         if not self.enable_caching:
             return [], []
+        pending = pending or {}
         blocks, hashes, parent = [], [], None
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
             digest = hash_block(parent, token_ids[start:start + self.block_size])
             block = self.cached.get(digest)
             if block is None:
-                break
+                block = pending.get(digest)
+                if block is None:
+                    break
+                if self.ref_counts[block] == 0:  # its writer let it go: its KV may never come
+                    raise RuntimeError(f"pending KV block {block} is held by no request")
             blocks.append(block)
             hashes.append(digest)
             parent = digest
@@ -137,10 +147,7 @@ class BlockPool:
         """
         if not self.enable_caching:
             return
-        digests = []
-        for i in range(len(hashes), num_full_blocks):
-            parent = digests[-1] if digests else hashes[-1] if hashes else None
-            digests.append(hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        digests = self.next_hashes(hashes, token_ids, num_full_blocks)
         fresh = [(digest, blocks[i]) for i, digest in enumerate(digests, start=len(hashes))
                  if digest not in self.cached and self.block_hash[blocks[i]] is None]
         known = len(hashes)
@@ -155,6 +162,15 @@ class BlockPool:
                 self.cached.pop(digest, None)
                 self.block_hash[block] = None
             raise
+
+    def next_hashes(self, hashes: Sequence[bytes], token_ids: Sequence[int], num_full_blocks: int) -> list[bytes]:
+        """Digests of full blocks `len(hashes)` .. `num_full_blocks - 1` of `token_ids`,
+        chained on `hashes`, the digests of the blocks before them."""
+        digests = []
+        for i in range(len(hashes), num_full_blocks):
+            parent = digests[-1] if digests else hashes[-1] if hashes else None
+            digests.append(hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        return digests
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix: later requests recompute their whole prompt."""

@@ -26,10 +26,10 @@ def _caches(K: int, rng: np.random.Generator, dtype: jnp.dtype) -> tuple[KVCache
 
 
 def general_batch(spans: list[tuple[int, int]], rng: np.random.Generator,
-                  min_tokens: int = 8) -> Batch:
+                  min_tokens: int = 8, blocks: list[list[int]] | None = None) -> Batch:
     """A general batch laid out as `prepare_batch` lays it out: per sequence (start, end),
     its tokens start..end-1 and its context blocks 0..ceil(end/S)-1, drawn from the pool
-    out of order; token and block counts padded to their buckets."""
+    out of order unless `blocks` lists them; token and block counts padded to their buckets."""
     T = bucket(sum(e - s for s, e in spans), min_tokens)
     N = bucket(sum(-(-e // S) for _, e in spans))
     pool = iter(rng.permutation(P).tolist())
@@ -40,7 +40,7 @@ def general_batch(spans: list[tuple[int, int]], rng: np.random.Generator,
         positions[t:t + end - start] = np.arange(start, end)
         token_seq[t:t + end - start] = i
         nb = -(-end // S)
-        ids[n:n + nb] = [next(pool) for _ in range(nb)]
+        ids[n:n + nb] = blocks[i] if blocks else [next(pool) for _ in range(nb)]
         block_seq[n:n + nb] = i
         block_pos[n:n + nb] = np.arange(nb) * S
         t, n = t + end - start, n + nb
@@ -56,10 +56,11 @@ SPANS = [(0, 13), (9, 18), (0, 3), (30, 31)]
 
 
 def _compare(H: int, K: int, dtype: jnp.dtype, spans: list[tuple[int, int]], seed: int,
-             heads_first: bool = True, **tiles: int) -> tuple[np.ndarray, np.ndarray]:
+             heads_first: bool = True, blocks: list[list[int]] | None = None,
+             **tiles: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     ref_cache, pal_cache = _caches(K, rng, dtype)
-    batch = general_batch(spans, rng)
+    batch = general_batch(spans, rng, blocks=blocks)
     T = batch.token_seq.shape[0]
     q = jnp.asarray(rng.standard_normal((T, H, Dh)), dtype)
     expected = attention.flat_attention(q, ref_cache, batch, ONE, ONE)
@@ -173,15 +174,20 @@ def test_kernel_sizes_on_gpu():
     assert not pallas_attention.kernel_runs(128, 8, "gpu")
 
 
-def test_llm_from_params_pallas_matches_reference_with_chunked_prefill():
-    from runner import LLM, SamplingParams
+def tiny_model():
+    """A small random Qwen3 (config, params) for end-to-end backend comparisons."""
     from runner.loader import dummy_params
     from state.config import ModelConfig
     cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=101, hidden_size=48,
                       intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
                       num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
                       max_position_embeddings=128, initializer_range=0.3)
-    params = dummy_params(cfg, seed=0)
+    return cfg, dummy_params(cfg, seed=0)
+
+
+def test_llm_from_params_pallas_matches_reference_with_chunked_prefill():
+    from runner import LLM, SamplingParams
+    cfg, params = tiny_model()
     rng = np.random.default_rng(0)
     # A 40-token prompt does not fit a 16-token step: it is prefilled in chunks, next to
     # shorter prompts.

@@ -51,9 +51,10 @@ class _Results(dict):
 
 
 def make_scheduler(*, block_size: int, num_blocks: int, max_model_len: int, max_num_seqs: int,
-                   max_num_batched_tokens: int, chunked: bool = True, caching: bool = True) -> Scheduler:
+                   max_num_batched_tokens: int, chunked: bool = True, caching: bool = True,
+                   model: ModelConfig = MODEL) -> Scheduler:
     config = RunnerConfig(
-        model_config=MODEL,
+        model_config=model,
         cache_config=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                  enable_prefix_caching=caching),
         scheduler_config=SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -103,7 +104,7 @@ def drive(sched: Scheduler, arrivals: list[tuple[int, Request]], max_steps: int 
             assert out.scheduled, "runnable requests but an empty step"
         trace.max_tokens_in_step = max(trace.max_tokens_in_step, out.num_tokens)
 
-        for s in out.scheduled:
+        for k, s in enumerate(out.scheduled):
             r = s.request
             assert r.status is RequestStatus.RUNNING and r in sched.running
             assert s.num_tokens >= 1 and s.end <= r.num_tokens
@@ -127,7 +128,14 @@ def drive(sched: Scheduler, arrivals: list[tuple[int, Request]], max_steps: int 
                     f"request {r.request_id} would read wrong KV at position {p}"
             for p in range(s.start, s.end):
                 block = r.block_ids[p // bs]
-                assert sched.pool.ref_counts[block] == 1, "writing into a block another request reads"
+                # Only requests scheduled later in this step, starting after the block, may
+                # share it: the forward writes the whole block before they read it.
+                readers = [o for o in out.scheduled[k + 1:] if block in o.request.block_ids[:o.start // bs]]
+                assert sched.pool.ref_counts[block] == 1 + len(readers), \
+                    "writing into a block another request reads"
+                if readers:
+                    assert s.end >= (p // bs + 1) * bs, "a block shared before this step fills it"
+                    note("a block shared within its step")
                 kv[(block, p % bs)] = tuple(tokens[:p + 1])
             progress[r.request_id] = s.end
 
@@ -188,7 +196,8 @@ def workloads(draw):
         params = dict(max_tokens=max_tokens, min_tokens=draw(st.integers(0, max_tokens)),
                       ignore_eos=draw(st.booleans()),
                       prompt_logprobs=draw(st.sampled_from([None, None, None, 0])))
-        arrivals.append((draw(st.integers(0, 6)), prompt, params))
+        # Copies arriving together (n samples, equal prompts) share blocks within a step.
+        arrivals += [(draw(st.integers(0, 6)), prompt, params)] * draw(st.sampled_from([1, 1, 1, 2, 3]))
     return settings_, arrivals
 
 
