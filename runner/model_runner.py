@@ -260,16 +260,21 @@ class ModelRunner:
         log-probabilities. Returns results by request id.
 
         Single-token sequences (decodes; not prompt positions whose logprobs are wanted) run
-        through the decode window, the rest through the general batch. The general batch's masked attention costs its tokens times every
-        key it lists; keeping decode contexts out of it is worth reading the weights twice
-        (measured on W1 at batch 32: mixed steps 4x cheaper). Both shapes are ones the
-        warm-up compiles already, and each sequence's computation is the same either way.
+        through the decode window, the rest through the general batch. The general batch's
+        masked attention costs its tokens times every key it lists; keeping decode contexts
+        out of it is worth reading the weights twice (measured on W1 at batch 32: mixed
+        steps 4x cheaper). Both shapes are ones the warm-up compiles already, and each
+        sequence's computation is the same either way.
+
+        The general batch runs first: a one-token chunk may read prompt blocks that a
+        prefill of the same step writes (the scheduler shares them, e.g. between the `n`
+        samples of one prompt).
         """
         decodes = [s for s in out.scheduled if s.num_tokens == 1 and not _gathers_prompt_logprobs(s)]
         rest = [s for s in out.scheduled if s not in decodes]
-        results = self._execute_window(SchedulerOutput(decodes, out.num_steps)) if decodes else {}
-        if rest:
-            results.update(self._execute_general(SchedulerOutput(rest)))
+        results = self._execute_general(SchedulerOutput(rest)) if rest else {}
+        if decodes:
+            results.update(self._execute_window(SchedulerOutput(decodes, out.num_steps)))
         return results
 
     def _tables(self) -> tuple[int, int, int]:

@@ -175,3 +175,16 @@ def test_pallas_backend_shares_the_prompt_and_matches_reference():
         outs[backend, caching] = completions(out)
     assert outs["pallas", True] == outs["pallas", False] == outs["reference", False]
     assert jax.devices()[0].platform == "cpu"  # the decode kernel ran in interpret mode
+
+
+def test_a_one_token_tail_reads_the_blocks_its_step_writes(engines):
+    # Prompts of two full blocks and one token of their own: the followers compute that one
+    # token, a chunk the decode program runs, and it must run after the prefill that writes
+    # the blocks it reads.
+    on, off = engines
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    prompts = [{"prompt_token_ids": PROMPT[:2 * BLOCK] + [t]} for t in (7, 8, 9)]
+    shared, cached, outs_on = computed(on, prompts, params)
+    assert cached == 2 * 2 * BLOCK  # both followers took the two blocks
+    alone = [completions(computed(off, p, params)[2])[0] for p in prompts]
+    assert completions(outs_on) == alone
