@@ -8,9 +8,23 @@ from pathlib import Path
 # Tests run on the host CPU; one device unless a test starts its own subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from tests import hf_models  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each test module's compiled programs when it ends. One process runs the whole
+    suite, and XLA's CPU backend keeps every program it compiled loaded; with the suite's
+    programs all resident, the compiler crashed (a segmentation fault inside
+    `backend_compile_and_load`) at varying points late in the run."""
+    yield
+    gc.collect()
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")
