@@ -16,25 +16,54 @@ import pytest  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 
-# Test modules between two releases of the compiled programs: often enough to keep the
-# process far below where the crash below appeared, rarely enough that programs shared by
-# neighbouring modules are not recompiled each time (releasing after every module made the
-# suite about four times slower).
-MODULES_PER_RELEASE = 8
-_modules_done = [0]
+# Every program XLA's CPU backend compiles stays loaded, and each maps a dozen or more
+# memory regions for its code. One process runs the whole suite, so the regions add up to
+# the kernel's per-process limit (`vm.max_map_count`, 65,530 by default); the next compile
+# then fails, and the process dies unwinding that failure (a segmentation fault inside
+# `backend_compile_and_load`). The compiled programs are dropped when the process gets near
+# the limit: at the end of a module from 40% of it, so that programs shared by neighbouring
+# modules are reused while there is room; after any test from 70% of it, which only a module
+# compiling a great many programs reaches.
+_MODULE_RELEASE_SHARE = 0.4
+_TEST_RELEASE_SHARE = 0.7
+
+
+def _map_count_limit() -> int:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530
+
+
+_MAP_LIMIT = _map_count_limit()
+
+
+def _mapped_regions() -> int:
+    """Memory regions this process maps now; 0 where /proc is not available."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+def _release_if_above(share: float) -> None:
+    if _mapped_regions() > share * _MAP_LIMIT:
+        gc.collect()
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """Drop the compiled programs every few test modules. One process runs the whole
-    suite, and XLA's CPU backend keeps every program it compiled loaded; with the suite's
-    programs all resident, the compiler crashed (a segmentation fault inside
-    `backend_compile_and_load`) at varying points late in the run."""
+def _release_compiled_programs_between_modules():
     yield
-    _modules_done[0] += 1
-    if _modules_done[0] % MODULES_PER_RELEASE == 0:
-        gc.collect()
-        jax.clear_caches()
+    _release_if_above(_MODULE_RELEASE_SHARE)
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs_near_the_limit():
+    yield
+    _release_if_above(_TEST_RELEASE_SHARE)
 
 
 @pytest.fixture(scope="session")
