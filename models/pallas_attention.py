@@ -16,6 +16,7 @@ integer scales, not a per-layer float8 scale).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax
@@ -90,15 +91,23 @@ def decode_as_general(batch: Batch, block_size: int) -> Batch:
 
 def decode_attention(q: jax.Array, cache: KVCache, batch: Batch, scale: float | None = None) -> jax.Array:
     """One query per sequence through the Pallas kernel; `q: [B, H, Dh]`."""
-    Nb = batch.block_tables.shape[1]
-    k_splits = min(MAX_K_SPLITS, Nb)
+    k_splits, pages_per_compute_block = _splits(batch.block_tables.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scaled = (q.astype(jnp.float32) * scale).astype(cache.k.dtype)
     out = pallas_kernel.paged_attention(
         scaled, cache.k, cache.v, batch.block_tables, batch.seq_lens,
-        k_splits=k_splits, pages_per_compute_block=min(MAX_PAGES_PER_COMPUTE_BLOCK, Nb // k_splits),
+        k_splits=k_splits, pages_per_compute_block=pages_per_compute_block,
         interpret=jax.devices()[0].platform != "gpu")
     return out.astype(q.dtype)
+
+
+def _splits(Nb: int) -> tuple[int, int]:
+    """(k_splits, pages_per_compute_block) for `Nb` blocks per row: the kernel needs Nb to
+    be a multiple of k_splits, and each split's pages a multiple of the compute block (Nb
+    is a power of two, or the blocks of one `max_model_len` request, which need not be)."""
+    k_splits = math.gcd(Nb, MAX_K_SPLITS)
+    per_split = Nb // k_splits
+    return k_splits, max(d for d in range(1, MAX_PAGES_PER_COMPUTE_BLOCK + 1) if per_split % d == 0)
 
 
 def kernel_serves(spec: AttentionSpec) -> bool:

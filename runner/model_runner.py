@@ -28,7 +28,7 @@ from runner.sampler import SamplerOutput, prompt_logprobs, sample_switched
 from runner.scheduler import ScheduledRequest, SchedulerOutput
 from state.batch import Batch, bucket
 from state.config import ModelConfig, RunnerConfig
-from state.kv_cache import KVCache, allocate_kv_cache
+from state.kv_cache import KVCache, allocate_kv_cache, blocks_per_seq
 from state.params import Params
 from state.runner_state import RunnerState
 
@@ -285,7 +285,7 @@ class ModelRunner:
 
     def _execute_window(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         V, width, max_len = self._tables()
-        tables = window_block_tables(out)
+        tables = window_block_tables(out, blocks_per_seq(self._state.config))
         B = tables.shape[0]
         rows = prepare_rows(out, B, V, width, max_len, tables)
         window = self.run_decode(rows, prepare_state(out, B, V, width), out.num_steps)

@@ -84,12 +84,16 @@ def _decode_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketS
     return batch, BucketSizes(B, Nb, B)
 
 
-def window_block_tables(out: SchedulerOutput) -> np.ndarray:
+def window_block_tables(out: SchedulerOutput, max_blocks: int | None = None) -> np.ndarray:
     """[B, Nb] every block each decoding request holds: the scheduler reserved the slots of
-    the whole window."""
+    the whole window. Nb is a power of two capped at `max_blocks`, the blocks one request
+    of `max_model_len` tokens holds: decode attention reads all Nb blocks of every row, so
+    a bucket past what any request can hold would only add masked keys (on W1, whose
+    192-token requests hold 12 blocks, a quarter of every decode attention read)."""
     B = bucket(len(out.scheduled), MIN_DECODE_BUCKET)
     rows = [s.request.block_ids for s in out.scheduled] + [[]] * (B - len(out.scheduled))
-    return _pad_rows(rows, 0, np.int32)
+    longest = max((len(r) for r in rows), default=1)
+    return _pad_rows(rows, 0, np.int32, bucket(longest, largest=max_blocks))
 
 
 def _pad_rows(rows: list[list[int]], fill: int, dtype: type, width: int | None = None) -> np.ndarray:

@@ -54,7 +54,7 @@ def general_shapes(config: RunnerConfig, num_blocks: int) -> Iterator[tuple[int,
 def decode_shapes(config: RunnerConfig) -> Iterator[tuple[int, int]]:
     """(B, Nb) of every decode window."""
     for B in buckets_up_to(config.scheduler_config.max_num_seqs, MIN_DECODE_BUCKET):
-        for Nb in buckets_up_to(blocks_per_seq(config)):
+        for Nb in buckets_up_to(blocks_per_seq(config), capped=True):
             yield B, Nb
 
 

@@ -77,17 +77,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    n = max(n, minimum)
-    return 1 << (n - 1).bit_length()
+def bucket(n: int, minimum: int = 1, largest: int | None = None) -> int:
+    """Smallest power of two >= max(n, minimum), and never above `largest` (the largest size
+    there is, when one is known: padding past it is only waste) unless n itself is."""
+    b = 1 << (max(n, minimum) - 1).bit_length()
+    return b if largest is None else min(b, max(largest, n))
 
 
-def buckets_up_to(limit: int, minimum: int = 1) -> list[int]:
-    """Every bucket `bucket()` can return for sizes 1..limit."""
+def buckets_up_to(limit: int, minimum: int = 1, capped: bool = False) -> list[int]:
+    """Every bucket `bucket()` can return for sizes 1..limit (with `largest=limit` when
+    `capped`)."""
     sizes, b = [], bucket(1, minimum)
     while True:
-        sizes.append(b)
+        sizes.append(min(b, limit) if capped else b)
         if b >= limit:
             return sizes
         b *= 2

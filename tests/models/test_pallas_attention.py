@@ -23,14 +23,16 @@ def _caches(K: int, rng: np.random.Generator) -> tuple[KVCache, KVCache]:
     return ref, pal
 
 
+@pytest.mark.parametrize("Nb", [4, 3, 6])  # 3 and 6: widths capped at a request's blocks
 @pytest.mark.parametrize("H, K", [(4, 4), (6, 2), (8, 1)])
-def test_decode_kernel_matches_reference(H, K):
+def test_decode_kernel_matches_reference(H, K, Nb):
     rng = np.random.default_rng(H * 10 + K)
     ref_cache, pal_cache = _caches(K, rng)
-    lens = np.array([1, 7, 13, 16, 0], np.int32)  # mixed lengths, and an empty padding row
-    B, Nb = len(lens), 4
+    # Mixed lengths up to the whole width, and an empty padding row.
+    lens = np.minimum(np.array([1, 7, 13, 16, 0], np.int32), Nb * S)
+    B = len(lens)
     # Block tables with holes: blocks drawn out of order from the whole pool.
-    tables = rng.permutation(P)[:B * Nb].reshape(B, Nb).astype(np.int32)
+    tables = np.concatenate([rng.permutation(P) for _ in range(2)])[:B * Nb].reshape(B, Nb).astype(np.int32)
     batch = Batch(token_ids=np.zeros(B, np.int32), positions=np.maximum(lens - 1, 0),
                   slot_mapping=np.full(B, -1, np.int32), logits_indices=np.arange(B, dtype=np.int32),
                   block_tables=tables, seq_lens=lens)
@@ -40,6 +42,16 @@ def test_decode_kernel_matches_reference(H, K):
     got = pallas_attention.paged_attention(q, pal_cache, batch, one, one)
     live = lens > 0
     np.testing.assert_allclose(np.asarray(got)[live], np.asarray(expected)[live], atol=2e-5)
+
+
+def test_kernel_splits_divide_every_width():
+    for Nb in range(1, 300):
+        k_splits, per_block = pallas_attention._splits(Nb)
+        assert Nb % k_splits == 0 and (Nb // k_splits) % per_block == 0
+        assert 1 <= k_splits <= pallas_attention.MAX_K_SPLITS
+        assert 1 <= per_block <= pallas_attention.MAX_PAGES_PER_COMPUTE_BLOCK
+        if Nb & (Nb - 1) == 0:  # powers of two split as many ways as they can
+            assert k_splits == min(Nb, pallas_attention.MAX_K_SPLITS)
 
 
 def test_write_kv_layouts_hold_the_same_values():

@@ -194,6 +194,13 @@ def test_no_compilation_after_warmup_across_window_lengths(make_llm, monkeypatch
     llm = make_llm(num_kv_blocks=40, max_num_seqs=2, max_num_batched_tokens=32, max_model_len=48)
     llm.warmup()
     seen = window_lengths(llm, monkeypatch)
+    widths, real = [], llm.runner.run_decode
+
+    def spy(rows, state, num_steps):
+        widths.append(rows.block_tables.shape[1])
+        return real(rows, state, num_steps)
+
+    monkeypatch.setattr(llm.runner, "run_decode", spy)
     rng = np.random.default_rng(1)
     with CompileCounter() as compiles:
         for round_ in range(4):
@@ -207,6 +214,9 @@ def test_no_compilation_after_warmup_across_window_lengths(make_llm, monkeypatch
             llm.generate(prompts, params, use_tqdm=False)
     assert compiles.count == 0
     assert len(set(seen)) >= 3, seen  # several window lengths ran on the same programs
+    # Block-table widths are powers of two up to the 12 blocks of a 48-token request, and
+    # never the 16 of the next power of two.
+    assert set(widths) <= {1, 2, 4, 8, 12} and 12 in widths, sorted(set(widths))
 
 
 def test_decode_window_is_callable_from_user_jit(auto, checkpoint):
