@@ -1,4 +1,5 @@
-"""Counting backend compilations, and JAX's persistent compilation cache.
+"""Counting backend compilations, JAX's persistent compilation cache, and the memory-map
+headroom compiled programs use up.
 
 Counts come from `jax.monitoring`: JAX records one backend-compile duration event per
 program it had to build (an in-memory jit cache hit records none), so a count taken around
@@ -9,6 +10,7 @@ compilation cache still counts as built, and also as a persistent cache hit.
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -71,3 +73,42 @@ def enable_persistent_cache(directory: str | Path) -> None:
     # Cache every program, however small or fast to compile: the step functions are the point.
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# Share of the kernel's memory-map limit past which a new runner warns.
+MAP_WARNING_SHARE = 0.8
+
+
+def mapped_regions() -> int | None:
+    """Memory regions this process maps now (Linux); None where /proc is not available."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+def map_limit() -> int:
+    """The most memory regions one process may map (`vm.max_map_count`; Linux's default
+    where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530
+
+
+def warn_if_near_map_limit() -> None:
+    """Warn when this process already maps most of the regions it may.
+
+    Compiled programs stay loaded for the life of the process (JAX's jit caches), and XLA's
+    CPU backend maps a dozen or more regions for each: a process that builds runners for
+    many different models reaches the limit, and the compile after that fails and takes
+    the process down (a segmentation fault while the failure unwinds). Warned before a
+    runner compiles, the caller can still release them.
+    """
+    regions, limit = mapped_regions(), map_limit()
+    if regions is not None and regions > MAP_WARNING_SHARE * limit:
+        warnings.warn(f"this process maps {regions} memory regions of the {limit} it may "
+                      f"(vm.max_map_count), mostly compiled programs of earlier runners; a compile past the "
+                      f"limit fails and ends the process. Call jax.clear_caches() to release them (later calls "
+                      f"compile again), or serve fewer distinct models per process.", ResourceWarning, stacklevel=3)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from runner import demo, distributed, inputs
+from runner import compilation, demo, distributed, inputs
 from runner.engine import Engine
 from runner.chat import normalize_conversations
 from runner.engine_args import EngineArgs
@@ -74,6 +74,7 @@ class LLM:
         tokenizer = None if args.skip_tokenizer_init else _resolve_tokenizer(tokenizer, config.model_config)
         self._default_params = _default_sampling_params(args.generation_config, config.model_config)
         self._max_logprobs = args.max_logprobs
+        compilation.warn_if_near_map_limit()
         self.engine = Engine(ModelRunner(config, params), tokenizer, seed=args.seed)
         self._lock = threading.RLock()
 

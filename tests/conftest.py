@@ -13,6 +13,7 @@ import gc  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from runner.compilation import map_limit, mapped_regions  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 
@@ -26,29 +27,11 @@ from tests import hf_models  # noqa: E402
 # compiling a great many programs reaches.
 _MODULE_RELEASE_SHARE = 0.4
 _TEST_RELEASE_SHARE = 0.7
-
-
-def _map_count_limit() -> int:
-    try:
-        return int(Path("/proc/sys/vm/max_map_count").read_text())
-    except (OSError, ValueError):
-        return 65530
-
-
-_MAP_LIMIT = _map_count_limit()
-
-
-def _mapped_regions() -> int:
-    """Memory regions this process maps now; 0 where /proc is not available."""
-    try:
-        with open("/proc/self/maps", "rb") as maps:
-            return sum(1 for _ in maps)
-    except OSError:
-        return 0
+_MAP_LIMIT = map_limit()
 
 
 def _release_if_above(share: float) -> None:
-    if _mapped_regions() > share * _MAP_LIMIT:
+    if (mapped_regions() or 0) > share * _MAP_LIMIT:
         gc.collect()
         jax.clear_caches()
         gc.collect()

@@ -5,10 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from runner import LLM, SamplingParams
+from runner import LLM, SamplingParams, compilation
 from runner.compilation import CompileCounter
 
 
@@ -38,8 +42,7 @@ def test_varied_workload_compiles_nothing_after_warmup(hf_checkpoint):
 
 
 def test_one_sequence_runner_compiles_nothing_after_warmup(hf_checkpoint):
-    """With max_num_seqs=1 a decode batch is still padded to two rows: its sampler too must
-    be warmed up."""
+    """With max_num_seqs=1 decode windows run at one row: those programs are warmed up too."""
     folder, _ = hf_checkpoint("qwen3_tied")
     llm = LLM(str(folder), block_size=4, num_kv_blocks=12, max_model_len=24, max_num_seqs=1,
               max_num_batched_tokens=8)
@@ -79,3 +82,22 @@ def test_persistent_cache_lets_a_second_process_skip_compilation(hf_checkpoint, 
     (first_hits, first_built), (second_hits, second_built) = counts
     assert first_hits == 0 and first_built > 0, counts
     assert second_hits == second_built == first_built, counts
+
+
+def test_compiled_programs_map_memory_and_a_runner_warns_near_the_limit(hf_checkpoint, monkeypatch):
+    """Each compiled program maps memory regions for its code, and they stay mapped; a new
+    runner warns once the process is near the kernel's limit, before it compiles more."""
+    before = compilation.mapped_regions()
+    programs = [jax.jit(lambda x, i=i: jnp.tanh(x * i) + x.sum()) for i in range(8)]
+    for i, program in enumerate(programs):
+        program(jnp.ones(1000 + i)).block_until_ready()
+    assert compilation.mapped_regions() > before
+
+    folder, _ = hf_checkpoint("qwen3_tied")
+    small = dict(block_size=4, num_kv_blocks=12, max_model_len=24, max_num_seqs=1, max_num_batched_tokens=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        LLM(str(folder), **small)  # far below the limit: no warning
+    monkeypatch.setattr(compilation, "map_limit", lambda: before)
+    with pytest.warns(ResourceWarning, match=r"maps \d+ memory regions of the \d+ it may .*jax\.clear_caches\(\)"):
+        LLM(str(folder), **small)
