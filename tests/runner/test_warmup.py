@@ -97,7 +97,7 @@ def test_compiled_programs_map_memory_and_a_runner_warns_near_the_limit(hf_check
     small = dict(block_size=4, num_kv_blocks=12, max_model_len=24, max_num_seqs=1, max_num_batched_tokens=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
-        LLM(str(folder), **small)  # far below the limit: no warning
+        LLM(str(folder), **small)  # below 80% of the limit (the suite releases from 70%): silent
     monkeypatch.setattr(compilation, "map_limit", lambda: before)
     with pytest.warns(ResourceWarning, match=r"maps \d+ memory regions of the \d+ it may .*jax\.clear_caches\(\)"):
         LLM(str(folder), **small)
