@@ -148,8 +148,10 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: j
 
     Args:
         wants_logprobs: [B] bool, rows whose top `top_width(V)` entries are returned.
+
+    The chosen token's log-probability is computed only when some row asks for logprobs
+    (it is 0 otherwise): a log-softmax over `[B, V]` costs as much as the greedy choice.
     """
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = logits + _scatter_rows(logits.shape, meta.bias_ids, meta.bias_values)
     penalised = jnp.any((meta.presence_penalty != 0) | (meta.frequency_penalty != 0)
                         | (meta.repetition_penalty != 1))
@@ -158,14 +160,20 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: j
     sorts = jnp.any(is_random & ((meta.top_k > 0) | (meta.top_p < 1)))
     mode = jnp.where(jnp.any(is_random), jnp.where(sorts, 2, 1), 0)
     tokens = jax.lax.switch(mode, [lambda x, m, f=f: _choose(x, m, f) for f in _MODES], x, meta)
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     B, V = logits.shape
     k = top_width(V)
-    top_logprobs, top_ids, ranks = jax.lax.cond(
-        jnp.any(wants_logprobs),
-        lambda r, c: (*jax.lax.top_k(r, k), _ranks(r, c)),
-        lambda r, c: (jnp.zeros((B, k), r.dtype), jnp.zeros((B, k), jnp.int32), jnp.zeros(B, jnp.int32)),
-        raw_logprobs, chosen)
+
+    def with_logprobs(logits: jax.Array, tokens: jax.Array):
+        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+        return (chosen, *jax.lax.top_k(raw_logprobs, k), _ranks(raw_logprobs, chosen))
+
+    def without(logits: jax.Array, tokens: jax.Array):
+        return (jnp.zeros(B, jnp.float32), jnp.zeros((B, k), jnp.float32),
+                jnp.zeros((B, k), jnp.int32), jnp.zeros(B, jnp.int32))
+
+    chosen, top_logprobs, top_ids, ranks = jax.lax.cond(
+        jnp.any(wants_logprobs), with_logprobs, without, logits, tokens)
     return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, ranks)
 
 
