@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from models import window_attention
 from models.llama import compute_logits, forward
 from runner.sampler import SamplerOutput, SamplingMetadata, sample_switched, top_width
 from state.batch import Batch
@@ -39,6 +40,14 @@ class DecodeState:
     output_ids: Any  # [B, W] i32 output tokens so far, pad = V (what the penalties count)
     is_done: Any  # [B] bool finished (or padding) rows
 
+    @classmethod
+    def first(cls, token_ids: jax.Array, positions: jax.Array, vocab_size: int, history_width: int) -> DecodeState:
+        """Rows about to feed `token_ids` at `positions`, with no outputs yet."""
+        B = token_ids.shape[0]
+        return cls(token_ids=token_ids, positions=positions, num_out=jnp.zeros(B, jnp.int32),
+                   output_ids=jnp.full((B, history_width), vocab_size, jnp.int32),
+                   is_done=jnp.zeros(B, bool))
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
@@ -51,6 +60,22 @@ class RowSettings:
     stop_ids: Any  # [B, Ls] i32 EOS (unless ignore_eos) and stop_token_ids, pad = -1
     wants_logprobs: Any  # [B] bool
     sampling: SamplingMetadata  # every field set; counters and output_ids come from the state
+
+    @classmethod
+    def greedy(cls, block_tables: jax.Array, vocab_size: int, history_width: int,
+               max_out: int = jnp.iinfo(jnp.int32).max) -> RowSettings:
+        """Greedy rows without stop tokens, bias or penalties, each allowed `max_out` outputs:
+        the settings of a benchmark, or of a user's own jitted decode loop."""
+        B = block_tables.shape[0]
+        meta = SamplingMetadata(
+            temperature=jnp.zeros(B), top_k=jnp.zeros(B, jnp.int32), top_p=jnp.ones(B),
+            min_p=jnp.zeros(B), seeds=jnp.zeros(B, jnp.uint32), counters=jnp.zeros(B, jnp.int32),
+            bias_ids=jnp.full((B, 1), vocab_size, jnp.int32), bias_values=jnp.zeros((B, 1)),
+            prompt_ids=jnp.full((B, history_width), vocab_size, jnp.int32),
+            presence_penalty=jnp.zeros(B), frequency_penalty=jnp.zeros(B), repetition_penalty=jnp.ones(B))
+        return cls(block_tables=block_tables, max_out=jnp.full(B, max_out, jnp.int32),
+                   min_out=jnp.zeros(B, jnp.int32), stop_ids=jnp.full((B, 1), -1, jnp.int32),
+                   wants_logprobs=jnp.zeros(B, bool), sampling=meta)
 
 
 @jax.tree_util.register_dataclass
@@ -132,10 +157,11 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
     """
     B = state.token_ids.shape[0]
     k = top_width(cfg.vocab_size)
-    if params.lm_head is None and jax.default_backend() == "cpu":
+    if B > 1 and params.lm_head is None and jax.default_backend() == "cpu":
         # XLA's CPU GEMM runs [B, D] x [D, V] 1.2x (B = 32) to 1.7x (B = 8) faster than
-        # against the tied [V, D] embedding. One transposed copy per window, outside the
-        # loop, pays for itself within the first step; GPU GEMMs take either layout.
+        # against the tied [V, D] embedding (at B = 1 both run alike). One transposed copy
+        # per window, outside the loop, pays for itself within the first step or two; GPU
+        # GEMMs take either layout.
         params = replace(params, lm_head=params.embed.T)
     out = WindowOutput(token_ids=jnp.full((B, max_steps), -1, jnp.int32),
                        logprobs=jnp.zeros((B, max_steps), jnp.float32),
@@ -144,6 +170,15 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
                        top_logprobs=jnp.zeros((B, max_steps, k), jnp.float32),
                        num_tokens=jnp.zeros(B, jnp.int32))
 
+    # On the reference backend each layer's context is read from the pages once, before the
+    # loop (`models.window_attention`): within the window it never changes.
+    opened = backend == "reference" and window_attention.fits(kv_cache, rows.block_tables)
+    if opened:
+        kv_cache = tuple(window_attention.open_window(c, rows.block_tables, state.positions,
+                                                      layer.k_scale, layer.v_scale)
+                         for c, layer in zip(kv_cache, params.layers))
+    step_backend = "reference_window" if opened else backend
+
     def running(carry: tuple) -> jax.Array:
         k, _, state, _ = carry
         return (k < jnp.minimum(num_steps, max_steps)) & ~jnp.all(state.is_done)
@@ -151,7 +186,7 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
     def body(carry: tuple) -> tuple:
         k, kv_cache, state, out = carry
         live = ~state.is_done
-        kv_cache, state, sampled = decode_step(params, kv_cache, rows, state, cfg, backend, block_size)
+        kv_cache, state, sampled = decode_step(params, kv_cache, rows, state, cfg, step_backend, block_size)
         column = jnp.where(live, k, max_steps)  # done rows: out of bounds, dropped
         rows_ = jnp.arange(B)
         out = WindowOutput(
@@ -164,4 +199,6 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
         return k + 1, kv_cache, state, out
 
     _, kv_cache, state, out = jax.lax.while_loop(running, body, (jnp.int32(0), kv_cache, state, out))
+    if opened:
+        kv_cache = tuple(c.pages for c in kv_cache)
     return kv_cache, state, out

@@ -1,0 +1,125 @@
+"""Where a decode step of W1 goes: each piece jitted alone at W1's shapes, beside the whole
+decode window, per batch size.
+
+    PYTHONPATH=. python benchmarks/decode_profile.py [--batch-sizes 1 8 32] [--repeats 20]
+
+Pieces (ms per decode step; the window figure is a 16-step window divided by 16):
+    window      `decode_window`: forward, sampler, KV write and next input, 16 steps in one call
+    matmuls     every layer's projections and the lm_head, no attention (the floor the
+                step cannot go under on this host)
+    lm_head     the tied projection `[B, D] x [D, V]` alone
+    attention   `decode_attention` of one layer, times the layer count
+    kv_write    `write_kv` of one layer, times the layer count
+    sampler     `sample_switched` on `[B, V]` float32 logits, greedy
+The weight-read floor (weight bytes over the read bandwidth measured in the same run) and
+the matmul FLOP floor (at the large-matmul rate measured in the same run) are printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.attention import decode_attention, write_kv
+from runner.bench import Workload, matmul_flops_per_row, measure_matmul_flops, measure_read_bandwidth
+from runner.decode_loop import DecodeState, RowSettings, decode_window
+from runner.loader import dummy_params
+from runner.sampler import sample_switched
+from state.batch import Batch, cdiv
+from state.kv_cache import KVCache
+from state.params import param_bytes
+
+
+def _time(fn, *args, repeats: int) -> float:
+    """Median seconds of `fn(*args)` (already compiled by one call first)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()) -> list[dict[str, float]]:
+    cfg = w.model_config()
+    params = dummy_params(cfg, 0)
+    S = 16
+    Nb = cdiv(w.prompt_len + w.max_tokens, S)
+    context = w.prompt_len + w.max_tokens // 2  # the middle of a W1 request
+    L, K, Dh, V = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+    bandwidth, flops = measure_read_bandwidth(), measure_matmul_flops()
+    weight_bytes = param_bytes(params)
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s, "
+          f"weights {weight_bytes / 1e6:.0f} MB -> weight-read floor {1e3 * weight_bytes / bandwidth:.2f} ms")
+    results = []
+    for B in batch_sizes:
+        P = B * Nb + 1
+        cache = tuple(KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh))) for _ in range(L))
+        rows = RowSettings.greedy(jnp.arange(B * Nb, dtype=jnp.int32).reshape(B, Nb), V, 256)
+        state = DecodeState.first(jnp.zeros(B, jnp.int32), jnp.full(B, context, jnp.int32), V, 256)
+        steps = 16
+        window = jax.jit(lambda p, c, r, s: decode_window(p, c, r, s, jnp.int32(steps), cfg, "reference", steps, S),
+                         donate_argnums=(1,))
+
+        def run_window(p, r, s, box=[cache]):
+            box[0], _, out = window(p, box[0], r, s)
+            return out
+
+        x = jnp.ones((B, cfg.hidden_size))
+        head = params.embed.T
+
+        def chain(p, x, head):
+            for layer in p.layers:
+                # q [B, H*Dh] plus k and v side by side [B, 2*K*Dh]: W1's widths match
+                kv = jnp.concatenate([x @ layer.wk, x @ layer.wv], axis=1)
+                x = x + ((x @ layer.wq) + kv) @ layer.wo
+                x = x + (jax.nn.silu(x @ layer.w_gate) * (x @ layer.w_up)) @ layer.w_down
+            return x @ head
+
+        q = jnp.ones((B, cfg.num_attention_heads, Dh))
+        batch = Batch(token_ids=jnp.zeros(B, jnp.int32), positions=jnp.full(B, context, jnp.int32),
+                      slot_mapping=jnp.arange(B, dtype=jnp.int32) * Nb * S + context,
+                      logits_indices=jnp.arange(B, dtype=jnp.int32), block_tables=rows.block_tables,
+                      seq_lens=jnp.full(B, context + 1, jnp.int32))
+        one = KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh)))  # the window donates `cache`
+        attend = jax.jit(lambda q, c, b: decode_attention(q, c, b, jnp.float32(1), jnp.float32(1)))
+        kv = jnp.ones((B, K, Dh))
+        write = jax.jit(lambda c, k, s: write_kv(c, k, k, s, jnp.float32(1), jnp.float32(1)), donate_argnums=(0,))
+
+        def run_write(k, s, box=[one]):
+            box[0] = write(box[0], k, s)
+            return box[0].k
+
+        logits = jax.random.normal(jax.random.key(0), (B, V))
+        meta = replace(rows.sampling, output_ids=state.output_ids)
+        sampler = jax.jit(lambda l, m, wl: sample_switched(l, m, wl).token_ids)
+        row = {"batch": B,
+               "window": _time(run_window, params, rows, state, repeats=max(repeats // 4, 3)) / steps,
+               "matmuls": _time(jax.jit(chain), params, x, head, repeats=repeats),
+               "lm_head": _time(jax.jit(jnp.matmul), x, head, repeats=repeats),
+               "attention": L * _time(attend, q, one, batch, repeats=repeats),
+               "kv_write": L * _time(run_write, kv, batch.slot_mapping, repeats=repeats),
+               "sampler": _time(sampler, logits, meta, rows.wants_logprobs, repeats=repeats),
+               "flop_floor": B * matmul_flops_per_row(params) / flops,
+               "read_floor": weight_bytes / bandwidth}
+        print(f"batch {B:3d}: " + ", ".join(f"{k} {1e3 * v:6.2f}" for k, v in row.items() if k != "batch") + " ms")
+        results.append(row)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    profile(tuple(args.batch_sizes), args.repeats)
+
+
+if __name__ == "__main__":
+    main()
