@@ -8,7 +8,11 @@ Pieces (ms per decode step; the window figure is a 16-step window divided by 16)
     matmuls     every layer's projections and the lm_head, no attention (the floor the
                 step cannot go under on this host)
     lm_head     the tied projection `[B, D] x [D, V]` alone
-    attention   `decode_attention` of one layer, times the layer count
+    attention   the window's attention of one layer (`models.window_attention`), times the
+                layer count
+    open        gathering one layer's context for a window, times the layer count, over 16
+    paged       the per-step reader `decode_attention` of one layer, times the layer count
+                (what a window over the budget, or a single step, reads with)
     kv_write    `write_kv` of one layer, times the layer count
     sampler     `sample_switched` on `[B, V]` float32 logits, greedy
 The weight-read floor (weight bytes over the read bandwidth measured in the same run) and
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import window_attention
 from models.attention import decode_attention, write_kv
 from runner.bench import Workload, matmul_flops_per_row, measure_matmul_flops, measure_read_bandwidth
 from runner.decode_loop import DecodeState, RowSettings, decode_window
@@ -36,14 +41,15 @@ from state.params import param_bytes
 
 
 def _time(fn, *args, repeats: int) -> float:
-    """Median seconds of `fn(*args)` (already compiled by one call first)."""
+    """Least seconds of `fn(*args)` over `repeats` calls, after one that compiles it. On a
+    shared host the least time is the figure that repeats; medians carry the neighbours."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return min(times)
 
 
 def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()) -> list[dict[str, float]]:
@@ -88,7 +94,11 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
                       logits_indices=jnp.arange(B, dtype=jnp.int32), block_tables=rows.block_tables,
                       seq_lens=jnp.full(B, context + 1, jnp.int32))
         one = KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh)))  # the window donates `cache`
-        attend = jax.jit(lambda q, c, b: decode_attention(q, c, b, jnp.float32(1), jnp.float32(1)))
+        unit = jnp.float32(1)
+        paged = jax.jit(lambda q, c, b: decode_attention(q, c, b, unit, unit))
+        open_ = jax.jit(lambda c, t, s: window_attention.open_window(c, t, s, unit, unit))
+        opened = open_(one, rows.block_tables, batch.positions)
+        attend = jax.jit(lambda q, w, b: window_attention.paged_attention(q, w, b, unit, unit))
         kv = jnp.ones((B, K, Dh))
         write = jax.jit(lambda c, k, s: write_kv(c, k, k, s, jnp.float32(1), jnp.float32(1)), donate_argnums=(0,))
 
@@ -103,7 +113,9 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
                "window": _time(run_window, params, rows, state, repeats=max(repeats // 4, 3)) / steps,
                "matmuls": _time(jax.jit(chain), params, x, head, repeats=repeats),
                "lm_head": _time(jax.jit(jnp.matmul), x, head, repeats=repeats),
-               "attention": L * _time(attend, q, one, batch, repeats=repeats),
+               "attention": L * _time(attend, q, opened, batch, repeats=repeats),
+               "open": L * _time(open_, one, rows.block_tables, batch.positions, repeats=repeats) / steps,
+               "paged": L * _time(paged, q, one, batch, repeats=repeats),
                "kv_write": L * _time(run_write, kv, batch.slot_mapping, repeats=repeats),
                "sampler": _time(sampler, logits, meta, rows.wants_logprobs, repeats=repeats),
                "flop_floor": B * matmul_flops_per_row(params) / flops,

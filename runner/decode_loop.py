@@ -157,12 +157,6 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
     """
     B = state.token_ids.shape[0]
     k = top_width(cfg.vocab_size)
-    if B > 1 and params.lm_head is None and jax.default_backend() == "cpu":
-        # XLA's CPU GEMM runs [B, D] x [D, V] 1.2x (B = 32) to 1.7x (B = 8) faster than
-        # against the tied [V, D] embedding (at B = 1 both run alike). One transposed copy
-        # per window, outside the loop, pays for itself within the first step or two; GPU
-        # GEMMs take either layout.
-        params = replace(params, lm_head=params.embed.T)
     out = WindowOutput(token_ids=jnp.full((B, max_steps), -1, jnp.int32),
                        logprobs=jnp.zeros((B, max_steps), jnp.float32),
                        ranks=jnp.zeros((B, max_steps), jnp.int32),

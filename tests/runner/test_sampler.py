@@ -14,6 +14,7 @@ numpy, independently of the sampler):
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -23,7 +24,7 @@ from hypothesis.extra import numpy as hnp
 from runner.decode_loop import step_metadata
 from runner.prepare import prepare_rows, prepare_state
 from runner.sampler import (SamplerFlags, SamplingMetadata, _top_k_top_p_mask, apply_penalties,
-                            sample, sample_switched)
+                            first_argmax, sample, sample_switched)
 from runner.sampling_params import MAX_LOGPROBS, SamplingParams
 from runner.scheduler import ScheduledRequest, SchedulerOutput
 from state.request import Request
@@ -304,3 +305,13 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
     assert out.top_ids.shape == (6, MAX_LOGPROBS)
     # No logprobs asked: no top entries computed.
     assert sample_jit(logits, meta, flags_for(meta, 0)).top_ids.shape == (6, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, 1.5, -2.0, 7.25, float("-inf"), float("inf"), float("nan")]),
+                         min_size=1, max_size=12), min_size=1, max_size=4).filter(
+    lambda rows: len({len(r) for r in rows}) == 1))
+def test_first_argmax_is_argmax(rows):
+    """Ties go to the first maximum, -inf/inf rows and NaN behave as `jnp.argmax`."""
+    x = jnp.asarray(rows, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
