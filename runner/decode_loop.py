@@ -8,6 +8,10 @@ nothing (slot -1) and samples nothing, and the loop ends as soon as every row is
 Stop strings need the detokenizer: the host checks them after the window and drops the
 tokens past one.
 
+On the reference backend the window reads each row's blocks from the pages once, before
+the loop (`models.window_attention`), and every step attends over that copy: within a
+window the only keys that change are the ones the window writes itself.
+
 `decode_window` is a pure function of (params, KV cache, decode state, row settings, cfg),
 so a user's own `jax.jit` code can call it; the shell picks how many steps to run. Seeded
 sampling folds in (seed, output index) only, so the tokens never depend on the window.
