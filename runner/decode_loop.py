@@ -169,8 +169,9 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
                        num_tokens=jnp.zeros(B, jnp.int32))
 
     # On the reference backend each layer's context is read from the pages once, before the
-    # loop (`models.window_attention`): within the window it never changes.
-    opened = backend == "reference" and window_attention.fits(kv_cache, rows.block_tables)
+    # loop (`models.window_attention`): within the window it never changes. A one-step
+    # program reads every block once either way, and the copy would only add to it.
+    opened = max_steps > 1 and backend == "reference" and window_attention.fits(kv_cache, rows.block_tables)
     if opened:
         kv_cache = tuple(window_attention.open_window(c, rows.block_tables, state.positions,
                                                       layer.k_scale, layer.v_scale)

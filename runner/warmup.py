@@ -7,7 +7,8 @@ The shapes a step can have are known from the config alone (see `state.batch`):
                    means at least T/(2*block_size) blocks); sampling is inside, its stages
                    switched on the device, so sampler settings add no programs
     decode window  B in buckets(max_num_seqs), Nb in buckets(blocks per sequence); one
-                   program for every window length up to `max_decode_steps`
+                   program for one-step windows and one for every longer window up to
+                   `max_decode_steps` (`runner.model_runner.window_program`)
     prompt logprobs  T in the general step's buckets
 
 Each is run once on an all-padding input that writes nothing to the cache. Requests with
@@ -77,5 +78,6 @@ def warmup(runner) -> WarmupReport:
             _, hidden = runner.run_general(Batch.empty_general(T, N, B), *padding(B, np.zeros((B, 1), np.int32)))
             runner.run_prompt_logprobs(hidden, np.zeros(T, np.int32))
         for B, Nb in decode:
-            runner.run_decode(*padding(B, np.zeros((B, Nb), np.int32)), 1)
+            for num_steps in sorted({1, config.scheduler_config.max_decode_steps}):
+                runner.run_decode(*padding(B, np.zeros((B, Nb), np.int32)), num_steps)
     return WarmupReport(len(general), len(decode), compiles.count, time.perf_counter() - start)

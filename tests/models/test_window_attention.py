@@ -80,8 +80,8 @@ def test_budget_keeps_large_windows_on_the_per_step_reader(monkeypatch):
 
 
 def test_decode_window_reads_the_copy_only_within_budget(monkeypatch):
-    """`decode_window` opens the copy on the reference backend within the budget, and
-    both readers give the same window."""
+    """`decode_window` opens the copy on the reference backend within the budget and for
+    windows longer than one step, and both readers give the same window."""
     from runner.bench import Workload
     from runner.decode_loop import DecodeState, RowSettings, decode_window
     from runner.loader import dummy_params
@@ -104,6 +104,9 @@ def test_decode_window_reads_the_copy_only_within_budget(monkeypatch):
     copied_cache, _, copied = run()
     assert opened
     opened.clear()
+    # A one-step program reads the pages directly: the copy only pays over several steps.
+    decode_window(params, cache, rows, state, jnp.int32(1), cfg, "reference", 1, S)
+    assert not opened
     monkeypatch.setattr(window_attention, "CONTEXT_BUDGET_BYTES", 0)
     stepped_cache, _, stepped = run()
     assert not opened
