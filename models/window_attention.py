@@ -11,11 +11,12 @@ what step-by-step decoding leaves.
 Why: a per-step read of the pages is a block gather plus a relayout for the batched dots,
 and on XLA's CPU backend that relayout, not the arithmetic, is the cost. On W1 at batch 32
 (12 blocks of 16 per row, 4 KV heads, head_dim 64) one layer's `decode_attention` took
-2.5-3.5 ms; the same maths on keys already laid out `[B, K, Dh, C]` took 0.4-0.5 ms
-(`benchmarks/decode_profile.py` measures both in the whole window).
+2.5-3.5 ms; the same maths on keys already laid out `[B, K, Dh, C]` took 0.3-0.5 ms
+(`benchmarks/decode_profile.py` times both per layer, beside the whole window).
 
-The copy costs memory: `context_bytes` per window, every layer at once. `fits` keeps
-windows above `CONTEXT_BUDGET_BYTES` on the per-step reader.
+The copy costs memory, `context_bytes` per window with every layer at once: `fits` keeps
+windows above `CONTEXT_BUDGET_BYTES` on the per-step reader. It costs time too, one
+gather per window: one-step windows never open it (`runner.model_runner.window_program`).
 """
 
 from __future__ import annotations
