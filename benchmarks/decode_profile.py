@@ -100,9 +100,10 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
         opened = open_(one, rows.block_tables, batch.positions)
         attend = jax.jit(lambda q, w, b: window_attention.paged_attention(q, w, b, unit, unit))
         kv = jnp.ones((B, K, Dh))
-        write = jax.jit(lambda c, k, s: write_kv(c, k, k, s, jnp.float32(1), jnp.float32(1)), donate_argnums=(0,))
+        write = jax.jit(lambda c, k, s: write_kv(c, k, k, s, unit, unit), donate_argnums=(0,))
+        written = KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh)))  # donated, step after step
 
-        def run_write(k, s, box=[one]):
+        def run_write(k, s, box=[written]):
             box[0] = write(box[0], k, s)
             return box[0].k
 
