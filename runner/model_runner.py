@@ -72,10 +72,20 @@ def _window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSetting
     return _constrain(out, out_sharding), _keep_shardings(kv_cache, kv_shardings)
 
 
+# Rows of logits the prompt-logprobs program holds at once: a step's T x V logits would be
+# 2.5 GB float32 at T = 4096 with a 152k vocabulary.
+PROMPT_LOGPROBS_ROWS = 512
+
+
 @functools.partial(jax.jit, static_argnames=("logit_cap", "out_sharding"))
 def _prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, logit_cap: float | None,
                           out_sharding: Any):
-    return _constrain(prompt_logprobs(compute_logits(params, hidden, logit_cap), next_ids), out_sharding)
+    T, D = hidden.shape
+    rows = min(T, PROMPT_LOGPROBS_ROWS)
+    rows = rows if T % rows == 0 else T  # T is a power-of-two bucket: the chunks tile it
+    chunks = jax.lax.map(lambda c: prompt_logprobs(compute_logits(params, c[0], logit_cap), c[1]),
+                         (hidden.reshape(T // rows, rows, D), next_ids.reshape(T // rows, rows)))
+    return _constrain(jax.tree.map(lambda a: a.reshape(T, *a.shape[2:]), chunks), out_sharding)
 
 
 def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
@@ -110,6 +120,26 @@ def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array,
     `logit_cap`: the model's `final_logit_softcapping`."""
     return _prompt_logprobs_step(params, hidden, next_ids, logit_cap=logit_cap,
                                  out_sharding=_replicated_like(params))
+
+
+@jax.jit
+def _transposed(x: jax.Array) -> jax.Array:
+    return x.T
+
+
+def program_params(params: Params) -> Params:
+    """The weights as the step programs read them.
+
+    On CPU a tied model's projection also gets a `[D, V]` copy of the embedding as its
+    `lm_head`: XLA's CPU dot reads `[B, D] x [D, V]` faster than the embedding's own
+    `[B, D] x [V, D]` contraction. On W1 (V = 32000, D = 512) the projection alone took
+    1.9 / 3.9 / 7.6 ms against 2.7 / 5.5 / 9.6 ms at batch 1 / 8 / 32, and 16-step decode
+    windows ran 3% / 10% / 4% faster. The copy costs V x D more weight memory. On GPUs the
+    matrix units take either layout and the tree is used as it is.
+    """
+    if params.lm_head is not None or next(iter(params.embed.devices())).platform != "cpu":
+        return params
+    return replace(params, lm_head=_transposed(params.embed))
 
 
 def window_program(config: RunnerConfig, num_steps: int) -> int:
@@ -178,6 +208,8 @@ class ModelRunner:
     def __init__(self, config: RunnerConfig, params: Params | None = None) -> None:
         """Create the runner's first record (`runner.lifecycle.create`)."""
         self._state = lifecycle.create(config, params)
+        # (the record's params, `program_params` of them): derived once per weight tree
+        self._program_params: tuple[Params, Params] | None = None
 
     # -- the record --------------------------------------------------------------------
 
@@ -219,6 +251,7 @@ class ModelRunner:
     def sleep(self, level: int = 1) -> None:
         old = self._state
         self._state = lifecycle.sleep(old, level)
+        self._program_params = None  # the derived copies go with the weights
         lifecycle.release(old)  # only once no record points at the buffers any more
 
     def wake_up(self, tags: list[str] | None = None) -> None:
@@ -247,7 +280,7 @@ class ModelRunner:
         state = self._state
         state.check_servable()
         try:
-            *results, kv_cache = program(state.params, state.kv_cache, *args)
+            *results, kv_cache = program(self._weights(), state.kv_cache, *args)
         except BaseException:
             # Interrupted after the cache was donated: the record would point at deleted
             # buffers. Start over from an empty cache (its contents are lost either way;
@@ -261,8 +294,15 @@ class ModelRunner:
         self._state = replace(state, kv_cache=kv_cache)
         return (*results, kv_cache)
 
+    def _weights(self) -> Params:
+        """The record's weights as the programs read them (`program_params`)."""
+        params = self._state.params
+        if self._program_params is None or self._program_params[0] is not params:
+            self._program_params = (params, program_params(params))
+        return self._program_params[1]
+
     def run_prompt_logprobs(self, hidden: jax.Array, next_ids: Any) -> Any:
-        return prompt_logprobs_step(self._state.params, hidden, next_ids,
+        return prompt_logprobs_step(self._weights(), hidden, next_ids,
                                     self._state.config.model_config.final_logit_softcapping)
 
     def execute_model(self, out: SchedulerOutput) -> dict[str, SequenceResult]:

@@ -315,3 +315,30 @@ def test_first_argmax_is_argmax(rows):
     """Ties go to the first maximum, -inf/inf rows and NaN behave as `jnp.argmax`."""
     x = jnp.asarray(rows, jnp.float32)
     np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
+
+
+def test_prompt_logprobs_step_over_several_row_chunks_matches_float64():
+    """A 1024-token step computes its prompt logprobs 512 logit rows at a time: every
+    chunk's rows must come back in place and equal the definition (float64 numpy)."""
+    from runner.loader import dummy_params
+    from runner.model_runner import PROMPT_LOGPROBS_ROWS, prompt_logprobs_step
+    from state.config import ModelConfig
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      tie_word_embeddings=True, dtype="float32")
+    params = dummy_params(cfg, 0)
+    T = 2 * PROMPT_LOGPROBS_ROWS
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(0, 30, (T, 16)).astype(np.float32)
+    next_ids = rng.integers(0, 96, T).astype(np.int32)
+    chosen, top_ids, top_lps, ranks = jax.device_get(prompt_logprobs_step(params, hidden, next_ids, None))
+
+    logits = hidden.astype(np.float64) @ np.asarray(params.embed, np.float64).T
+    logprobs = logits - logits.max(1, keepdims=True)
+    logprobs -= np.log(np.exp(logprobs).sum(1, keepdims=True))
+    want = logprobs[np.arange(T), next_ids]
+    np.testing.assert_allclose(chosen, want, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(ranks, 1 + (logprobs > want[:, None] + 1e-9).sum(1))
+    np.testing.assert_array_equal(top_ids[:, 0], logprobs.argmax(1))
+    np.testing.assert_allclose(top_lps, np.sort(logprobs, 1)[:, ::-1][:, :MAX_LOGPROBS], rtol=0, atol=1e-4)
