@@ -8,6 +8,10 @@ decode window (`runner.decode_loop`: up to K decode steps with sampling inside).
 sits in the same program as the forward: the sampler's stages are switched on the device
 (`sample_switched`), so its switches add no compilations, and no hidden state or logits
 cross a program boundary. On W1 at batch 1 a separate sampler program cost ~4 ms a step.
+
+The programs read the record's weights through `program_params`: the same tree, except
+that on CPU a tied model's projection comes from a `[D, V]` copy of the embedding, made
+once per weight tree and dropped with it.
 """
 
 from __future__ import annotations

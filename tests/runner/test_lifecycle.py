@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 from runner import LLM, SamplingParams
 from runner.compilation import CompileCounter
 from runner.loader import resolve_format
+from runner.model_runner import program_params
 from runner.safetensors_io import iter_safetensors
 from runner.orbax_io import restore_params, save_params
 from runner.param_tree import CheckpointError
@@ -291,6 +292,18 @@ def test_reload_weights_path(tied, other, reference):
     assert llm.config.model_config.model == str(other)
     assert old.model_config.model == str(tied)
     assert run(llm) == reference["other"]
+
+
+def test_programs_read_a_tied_projection_from_its_own_copy(llm):
+    """On CPU the step programs read a tied model's projection as a [D, V] copy of the
+    embedding (`program_params`); the record keeps its tied tree, and a tree that has its
+    own lm_head is used as it is. (That the copy follows reloads and goes with a sleep is
+    what the reload and sleep tests above check by their outputs and live bytes.)"""
+    params = llm.runner.params
+    view = program_params(params)
+    assert params.lm_head is None and view.embed is params.embed and view.layers is params.layers
+    np.testing.assert_array_equal(np.asarray(view.lm_head), np.asarray(params.embed).T)
+    assert program_params(view) is view
 
 
 def test_reload_from_an_iterator_of_checkpoint_tensors(llm, tied, other, reference):
