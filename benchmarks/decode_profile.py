@@ -3,14 +3,15 @@ decode window, per batch size.
 
     PYTHONPATH=. python benchmarks/decode_profile.py [--batch-sizes 1 8 32] [--repeats 20]
 
-Pieces (ms per decode step; the window figure is a 16-step window divided by 16):
-    window      `decode_window`: forward, sampler, KV write and next input, 16 steps in one call
+Pieces (ms per decode step; the window figure is one automatic window, `AUTO_DECODE_WINDOW`
+steps, divided by its steps):
+    window      `decode_window`: forward, sampler, KV write and next input, every step in one call
     matmuls     every layer's projections and the lm_head, no attention (the floor the
                 step cannot go under on this host)
     lm_head     the tied projection `[B, D] x [D, V]` alone
     attention   the window's attention of one layer (`models.window_attention`), times the
                 layer count
-    open        gathering one layer's context for a window, times the layer count, over 16
+    open        gathering one layer's context for a window, times the layer count, over the steps
     paged       the per-step reader `decode_attention` of one layer, times the layer count
                 (what a window over the budget, or a single step, reads with)
     kv_write    `write_kv` of one layer, times the layer count
@@ -34,6 +35,8 @@ from models.attention import decode_attention, write_kv
 from runner.bench import Workload, matmul_flops_per_row, measure_matmul_flops, measure_read_bandwidth
 from runner.decode_loop import DecodeState, RowSettings, decode_window
 from runner.loader import dummy_params
+from runner.model_runner import program_params
+from state.config import AUTO_DECODE_WINDOW
 from runner.sampler import sample_switched
 from state.batch import Batch, cdiv
 from state.kv_cache import KVCache
@@ -54,7 +57,7 @@ def _time(fn, *args, repeats: int) -> float:
 
 def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()) -> list[dict[str, float]]:
     cfg = w.model_config()
-    params = dummy_params(cfg, 0)
+    params = program_params(dummy_params(cfg, 0))  # the weights as the engine's programs read them
     S = 16
     Nb = cdiv(w.prompt_len + w.max_tokens, S)
     context = w.prompt_len + w.max_tokens // 2  # the middle of a W1 request
@@ -69,7 +72,7 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
         cache = tuple(KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh))) for _ in range(L))
         rows = RowSettings.greedy(jnp.arange(B * Nb, dtype=jnp.int32).reshape(B, Nb), V, 256)
         state = DecodeState.first(jnp.zeros(B, jnp.int32), jnp.full(B, context, jnp.int32), V, 256)
-        steps = 16
+        steps = AUTO_DECODE_WINDOW
         window = jax.jit(lambda p, c, r, s: decode_window(p, c, r, s, jnp.int32(steps), cfg, "reference", steps, S),
                          donate_argnums=(1,))
 
@@ -78,7 +81,7 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
             return out
 
         x = jnp.ones((B, cfg.hidden_size))
-        head = params.embed.T
+        head = params.lm_head  # the [D, V] copy of the tied embedding
 
         def chain(p, x, head):
             for layer in p.layers:
