@@ -10,8 +10,9 @@ shared machine are noise. The decode step is (time(max_tokens=49) - time(max_tok
 (fewer steps when max_tokens is smaller). Model bandwidth utilisation (MBU) divides the
 weight bytes read per decode step by the step time and by the read bandwidth measured in
 the same run; the FLOP share divides the step's matmul FLOPs, at the rate a large matmul
-reaches in the same run, by the step time. With `vllm_python`, vLLM runs the same
-workload in a subprocess of that interpreter (a benchmark peer, never a dependency).
+reaches in the same run, by the step time; both peaks are the fastest of ten calls. With
+`vllm_python`, vLLM runs the same workload in a subprocess of that interpreter (a
+benchmark peer, never a dependency).
 """
 
 from __future__ import annotations
@@ -72,29 +73,40 @@ class Workload:
         return rng.integers(0, self.vocab_size, (batch_size, self.prompt_len)).tolist()
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def measure_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Bytes per second the device reads, timed on a jitted sum of a large float32 array."""
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    return statistics.median(_times(fn, repeats))
+
+
+def _least_time(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` calls: a peak rate is what the host reaches when nothing
+    else runs (a median taken while a neighbour ran once read half the matmul rate, and
+    doubled the FLOP share computed from it)."""
+    return min(_times(fn, repeats))
+
+
+def measure_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Bytes per second the device reads at best, timed on a jitted sum of a large float32 array."""
     x = jnp.ones(nbytes // 4, jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    return nbytes / _median_time(lambda: total(x).block_until_ready(), repeats)
+    return nbytes / _least_time(lambda: total(x).block_until_ready(), repeats)
 
 
-def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
+def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 10) -> float:
     """FLOP/s of a jitted n x n x n matmul: the rate the step's matmuls could reach at best."""
     a = jnp.ones((n, n), dtype)
     mm = jax.jit(jnp.matmul)
     mm(a, a).block_until_ready()
-    return 2 * n ** 3 / _median_time(lambda: mm(a, a).block_until_ready(), repeats)
+    return 2 * n ** 3 / _least_time(lambda: mm(a, a).block_until_ready(), repeats)
 
 
 def matmul_flops_per_row(params: Any) -> int:
