@@ -57,13 +57,14 @@ def _time(fn, *args, repeats: int) -> float:
 
 def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()) -> list[dict[str, float]]:
     cfg = w.model_config()
-    params = program_params(dummy_params(cfg, 0))  # the weights as the engine's programs read them
+    stored = dummy_params(cfg, 0)
+    params = program_params(stored)  # the weights as the engine's programs read them
     S = 16
     Nb = cdiv(w.prompt_len + w.max_tokens, S)
     context = w.prompt_len + w.max_tokens // 2  # the middle of a W1 request
     L, K, Dh, V = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
     bandwidth, flops = measure_read_bandwidth(), measure_matmul_flops()
-    weight_bytes = param_bytes(params)
+    weight_bytes = param_bytes(stored)  # what a step reads: the projection's copy stands in for the embedding
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s, "
           f"weights {weight_bytes / 1e6:.0f} MB -> weight-read floor {1e3 * weight_bytes / bandwidth:.2f} ms")
     results = []
