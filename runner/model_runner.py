@@ -251,6 +251,7 @@ class ModelRunner:
                                                weights_iterator=weights_iterator, params=params,
                                                is_checkpoint_format=is_checkpoint_format,
                                                assume_same_model=assume_same_model)
+        self._program_params = None  # derived from the old tree: not kept alive past the swap
 
     def sleep(self, level: int = 1) -> None:
         old = self._state
