@@ -23,7 +23,6 @@ the matmul FLOP floor (at the large-matmul rate measured in the same run) are pr
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 
 import jax
@@ -32,7 +31,8 @@ import numpy as np
 
 from models import window_attention
 from models.attention import decode_attention, write_kv
-from runner.bench import Workload, matmul_flops_per_row, measure_matmul_flops, measure_read_bandwidth
+from runner.bench import (Workload, least_time, matmul_flops_per_row, measure_matmul_flops,
+                          measure_read_bandwidth)
 from runner.decode_loop import DecodeState, RowSettings, decode_window
 from runner.loader import dummy_params
 from runner.model_runner import program_params
@@ -47,12 +47,7 @@ def _time(fn, *args, repeats: int) -> float:
     """Least seconds of `fn(*args)` over `repeats` calls, after one that compiles it. On a
     shared host the least time is the figure that repeats; medians carry the neighbours."""
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return least_time(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()) -> list[dict[str, float]]:

@@ -86,7 +86,7 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(_times(fn, repeats))
 
 
-def _least_time(fn: Callable[[], Any], repeats: int) -> float:
+def least_time(fn: Callable[[], Any], repeats: int) -> float:
     """The fastest of `repeats` calls: a peak rate is what the host reaches when nothing
     else runs (a median taken while a neighbour ran once read half the matmul rate, and
     doubled the FLOP share computed from it)."""
@@ -98,7 +98,7 @@ def measure_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
     x = jnp.ones(nbytes // 4, jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    return nbytes / _least_time(lambda: total(x).block_until_ready(), repeats)
+    return nbytes / least_time(lambda: total(x).block_until_ready(), repeats)
 
 
 def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 10) -> float:
@@ -106,7 +106,7 @@ def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 1
     a = jnp.ones((n, n), dtype)
     mm = jax.jit(jnp.matmul)
     mm(a, a).block_until_ready()
-    return 2 * n ** 3 / _least_time(lambda: mm(a, a).block_until_ready(), repeats)
+    return 2 * n ** 3 / least_time(lambda: mm(a, a).block_until_ready(), repeats)
 
 
 def matmul_flops_per_row(params: Any) -> int:
