@@ -12,18 +12,22 @@ weight bytes read per decode step by the step time and by the read bandwidth mea
 the same run; the FLOP share divides the step's matmul FLOPs, at the rate a large matmul
 reaches in the same run, by the step time; both peaks are the fastest of ten calls. With
 `vllm_python`, vLLM runs the same workload in a subprocess of that interpreter (a
-benchmark peer, never a dependency).
+benchmark peer, never a dependency): its engine starts once, and each batch size runs there
+right before it runs here, so both sides of a ratio share the host's load of the moment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import queue
 import resource
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,15 +194,19 @@ def bench_transformers(folder: Path, w: Workload, batch_size: int, weight_bytes:
     return _figures(batch_size, w, _time_runs(run, w), weight_bytes, bandwidth)
 
 
-VLLM_SCRIPT = """
+# The peer: one vLLM engine, started once, that runs a batch size's timings for each job
+# line it reads (EOF ends it). Jobs come one batch size at a time, just before ours runs the
+# same batch size, so a neighbour's load on this shared host falls on both sides of a ratio.
+VLLM_WORKER = """
 import json, statistics, sys, time
 from vllm import LLM, SamplingParams
-job = json.loads(sys.argv[1])
-llm = LLM(job["folder"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
-          skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=job["max_num_seqs"])
-out = {}
-for b, prompts in job["prompts"].items():
-    prompts = [{"prompt_token_ids": p} for p in prompts]
+setup = json.loads(sys.argv[1])
+llm = LLM(setup["folder"], dtype=setup["dtype"], max_model_len=setup["max_model_len"], seed=0,
+          skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=setup["max_num_seqs"])
+print("VLLM_READY", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
     def run(n):
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
                                              detokenize=False), use_tqdm=False)
@@ -208,27 +216,93 @@ for b, prompts in job["prompts"].items():
             start = time.perf_counter(); run(n); times.append(time.perf_counter() - start)
         return statistics.median(times)
     run(job["max_tokens"]); run(1)
-    out[b] = {"ttft_s": median(1), "step_run_s": median(job["step_tokens"]),
-              "total_s": median(job["max_tokens"])}
-print("VLLM_TIMES " + json.dumps(out))
+    times = {"ttft_s": median(1), "step_run_s": median(job["step_tokens"]),
+             "total_s": median(job["max_tokens"])}
+    print("VLLM_TIMES " + json.dumps(times), flush=True)
 """
 
 
-def bench_vllm(python: str, folder: Path, w: Workload, weight_bytes: int,
-               bandwidth: float) -> dict[int, dict[str, float]]:
-    """W1 on vLLM, run by the interpreter `python` in a subprocess (its CPU KV cache: 2 GiB)."""
-    job = {"folder": str(folder), "dtype": w.dtype, "max_model_len": w.prompt_len + w.max_tokens,
-           "max_num_seqs": max(w.batch_sizes), "repeats": w.repeats, "max_tokens": w.max_tokens,
-           "step_tokens": step_tokens(w), "prompts": {b: w.prompts(b) for b in w.batch_sizes}}
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    env.pop("PYTHONPATH", None)  # vLLM must not import this project's packages
-    done = subprocess.run([python, "-c", VLLM_SCRIPT, json.dumps(job)], capture_output=True,
-                          text=True, env=env, timeout=3600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("VLLM_TIMES ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"vLLM run with {python} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    times = json.loads(lines[-1].removeprefix("VLLM_TIMES "))
-    return {int(b): _figures(int(b), w, t, weight_bytes, bandwidth) for b, t in times.items()}
+class VllmPeer:
+    """W1 on vLLM, in a subprocess of the interpreter `python` (its CPU KV cache: 2 GiB).
+
+    The engine starts once; `times(batch_size)` runs one batch size's timed calls there and
+    returns their medians. Use it as a context manager: leaving it ends the subprocess.
+    """
+
+    def __init__(self, python: str, folder: Path, w: Workload, timeout_s: float = 3600.0) -> None:
+        self._w, self._timeout_s = w, timeout_s
+        setup = {"folder": str(folder), "dtype": w.dtype, "max_model_len": w.prompt_len + w.max_tokens,
+                 "max_num_seqs": max(w.batch_sizes)}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        env.pop("PYTHONPATH", None)  # vLLM must not import this project's packages
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would stall vLLM
+        self._proc = subprocess.Popen([python, "-c", VLLM_WORKER, json.dumps(setup)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+        # vLLM logs to stdout too: a thread hands over the lines, so a read can time out.
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._expect("VLLM_READY")
+
+    def _pump(self) -> None:
+        for line in self._proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)  # EOF: the subprocess ended
+
+    def _expect(self, prefix: str) -> str:
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.close()
+                self._stderr.seek(0)
+                raise RuntimeError(f"vLLM peer ({self._proc.args[0]}) gave no {prefix!r} line "
+                                   f"(exit {self._proc.returncode}):\n{self._stderr.read()[-3000:]}")
+            if line.startswith(prefix):
+                return line.removeprefix(prefix).strip()
+
+    def times(self, batch_size: int) -> dict[str, float]:
+        """Median seconds of W1's runs at `batch_size`: TTFT, the step run and the whole run."""
+        w = self._w
+        job = {"prompts": w.prompts(batch_size), "repeats": w.repeats, "max_tokens": w.max_tokens,
+               "step_tokens": step_tokens(w)}
+        self._proc.stdin.write(json.dumps(job) + "\n")
+        self._proc.stdin.flush()
+        return json.loads(self._expect("VLLM_TIMES"))
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def __enter__(self) -> VllmPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        self._stderr.close()
+
+
+def _bench_row(llm: LLM, peer: VllmPeer | None, folder: Path, w: Workload, b: int, weight_bytes: int,
+               bandwidth: float, row_flops: int, flops: float, reference: bool) -> dict[str, Any]:
+    """Batch size `b` on vLLM (when a peer runs), then on ours, then on transformers."""
+    row: dict[str, Any] = {"batch_size": b}
+    if peer is not None:
+        row["vllm"] = _figures(b, w, peer.times(b), weight_bytes, bandwidth)
+    row["ours"] = bench_ours(llm, w, b, weight_bytes, bandwidth)
+    row["ours"]["flop_share"] = b * row_flops / flops / (row["ours"]["decode_ms_per_step"] / 1000)
+    if reference:
+        row["reference"] = bench_transformers(folder, w, b, weight_bytes, bandwidth)
+        row["ratio"] = row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
+    if peer is not None:
+        row["ratio_vllm"] = row["ours"]["tokens_per_s"] / row["vllm"]["tokens_per_s"]
+    return row
 
 
 def run(w: Workload = Workload(), model: str | None = None, reference: bool = True,
@@ -252,20 +326,12 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
                   decode_window=decode_window)
         weight_bytes = param_bytes(llm.runner.params)
         row_flops = matmul_flops_per_row(llm.runner.params)
-        vllm = bench_vllm(vllm_python, folder, w, weight_bytes, bandwidth) if vllm_python else {}
         results = []
-        for b in w.batch_sizes:
-            row: dict[str, Any] = {"batch_size": b,
-                                   "ours": bench_ours(llm, w, b, weight_bytes, bandwidth)}
-            row["ours"]["flop_share"] = b * row_flops / flops / (row["ours"]["decode_ms_per_step"] / 1000)
-            if reference:
-                row["reference"] = bench_transformers(folder, w, b, weight_bytes, bandwidth)
-                row["ratio"] = row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
-            if b in vllm:
-                row["vllm"] = vllm[b]
-                row["ratio_vllm"] = row["ours"]["tokens_per_s"] / vllm[b]["tokens_per_s"]
-            results.append(row)
-            log(_row_text(row))
+        with VllmPeer(vllm_python, folder, w) if vllm_python else contextlib.nullcontext() as peer:
+            for b in w.batch_sizes:
+                results.append(_bench_row(llm, peer, folder, w, b, weight_bytes, bandwidth, row_flops,
+                                          flops, reference))
+                log(_row_text(results[-1]))
     report = {
         "workload": dataclasses.asdict(w),
         "device": str(jax.devices()[0].device_kind),
