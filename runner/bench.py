@@ -10,7 +10,8 @@ shared machine are noise. The decode step is (time(max_tokens=49) - time(max_tok
 (fewer steps when max_tokens is smaller). Model bandwidth utilisation (MBU) divides the
 weight bytes read per decode step by the step time and by the read bandwidth measured in
 the same run; the FLOP share divides the step's matmul FLOPs, at the rate a large matmul
-reaches in the same run, by the step time; both peaks are the fastest of ten calls. With
+reaches in the same run, by the step time. Both peaks are sampled before every batch size
+and at the end, ten calls each, and the fastest of the whole run counts. With
 `vllm_python`, vLLM runs the same workload in a subprocess of that interpreter (a
 benchmark peer, never a dependency): its engine starts once, and each batch size runs there
 right before it runs here, so both sides of a ratio share the host's load of the moment.
@@ -113,6 +114,26 @@ def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 1
     return 2 * n ** 3 / least_time(lambda: mm(a, a).block_until_ready(), repeats)
 
 
+@dataclass(frozen=True)
+class Peaks:
+    """The fastest read and matmul rates of a run: MBU and the FLOP share divide by them.
+
+    The host is shared, so the run samples them before every batch size and keeps the
+    highest: a sample taken while a neighbour ran reads low and would flatter both figures
+    (one run's fastest-of-ten read rate was 27 GB/s, another's 31)."""
+
+    read_bytes_per_s: float = 0.0
+    matmul_flops_per_s: float = 0.0
+
+    @classmethod
+    def measure(cls, dtype: str) -> Peaks:
+        return cls(measure_read_bandwidth(), measure_matmul_flops(dtype=dtype))
+
+    def highest(self, other: Peaks) -> Peaks:
+        return Peaks(max(self.read_bytes_per_s, other.read_bytes_per_s),
+                     max(self.matmul_flops_per_s, other.matmul_flops_per_s))
+
+
 def matmul_flops_per_row(params: Any) -> int:
     """FLOPs one decode row spends in matmuls: 2 per weight of every layer and the lm_head
     (the embedding lookup is a gather, unless tied, when it is also the lm_head)."""
@@ -134,8 +155,7 @@ def step_tokens(w: Workload) -> int:
     return min(49, w.max_tokens)
 
 
-def _figures(batch_size: int, w: Workload, times: dict[str, float], weight_bytes: int,
-             bandwidth: float) -> dict[str, float]:
+def _figures(batch_size: int, w: Workload, times: dict[str, float]) -> dict[str, float]:
     total_s, ttft_s = times["total_s"], times["ttft_s"]
     step_s = (times["step_run_s"] - ttft_s) / max(step_tokens(w) - 1, 1)
     return {
@@ -145,8 +165,17 @@ def _figures(batch_size: int, w: Workload, times: dict[str, float], weight_bytes
         "step_run_s": times["step_run_s"],
         "decode_ms_per_step": 1000 * step_s,
         "prefill_tokens_per_s": batch_size * w.prompt_len / ttft_s,
-        "mbu": weight_bytes / step_s / bandwidth,
     }
+
+
+def _add_utilisation(row: dict[str, Any], weight_bytes: int, row_flops: int, peaks: Peaks) -> None:
+    """MBU on every side of `row` and the FLOP share on ours, against the run's peaks."""
+    for side in ("ours", "reference", "vllm"):
+        if side in row:
+            step_s = row[side]["decode_ms_per_step"] / 1000
+            row[side]["mbu"] = weight_bytes / step_s / peaks.read_bytes_per_s
+    ours = row["ours"]
+    ours["flop_share"] = row["batch_size"] * row_flops / peaks.matmul_flops_per_s / (ours["decode_ms_per_step"] / 1000)
 
 
 def _time_runs(run: Callable[[int], Any], w: Workload) -> dict[str, float]:
@@ -156,8 +185,7 @@ def _time_runs(run: Callable[[int], Any], w: Workload) -> dict[str, float]:
             "total_s": _median_time(lambda: run(w.max_tokens), w.repeats)}
 
 
-def bench_ours(llm: LLM, w: Workload, batch_size: int, weight_bytes: int,
-               bandwidth: float) -> dict[str, float]:
+def bench_ours(llm: LLM, w: Workload, batch_size: int) -> dict[str, float]:
     prompts = [{"prompt_token_ids": p} for p in w.prompts(batch_size)]
 
     def run(n: int) -> None:
@@ -170,13 +198,12 @@ def bench_ours(llm: LLM, w: Workload, batch_size: int, weight_bytes: int,
         warmup_s = time.perf_counter() - start
     with CompileCounter() as after:
         times = _time_runs(run, w)
-    return {**_figures(batch_size, w, times, weight_bytes, bandwidth),
+    return {**_figures(batch_size, w, times),
             "compiles": compiles.count, "compiles_after_warmup": after.count, "warmup_s": warmup_s,
             "peak_memory_bytes": _peak_memory_bytes()}
 
 
-def bench_transformers(folder: Path, w: Workload, batch_size: int, weight_bytes: int,
-                       bandwidth: float) -> dict[str, float]:
+def bench_transformers(folder: Path, w: Workload, batch_size: int) -> dict[str, float]:
     import torch
     import transformers
 
@@ -191,7 +218,7 @@ def bench_transformers(folder: Path, w: Workload, batch_size: int, weight_bytes:
                            pad_token_id=0)
 
     run(w.max_tokens)
-    return _figures(batch_size, w, _time_runs(run, w), weight_bytes, bandwidth)
+    return _figures(batch_size, w, _time_runs(run, w))
 
 
 # The peer: one vLLM engine, started once, that runs a batch size's timings for each job
@@ -289,16 +316,15 @@ class VllmPeer:
         self._stderr.close()
 
 
-def _bench_row(llm: LLM, peer: VllmPeer | None, folder: Path, w: Workload, b: int, weight_bytes: int,
-               bandwidth: float, row_flops: int, flops: float, reference: bool) -> dict[str, Any]:
-    """Batch size `b` on vLLM (when a peer runs), then on ours, then on transformers."""
+def _bench_row(llm: LLM, peer: VllmPeer | None, folder: Path, w: Workload, b: int,
+               reference: bool) -> dict[str, Any]:
+    """Batch size `b`'s timings on vLLM (when a peer runs), then on ours, then on transformers."""
     row: dict[str, Any] = {"batch_size": b}
     if peer is not None:
-        row["vllm"] = _figures(b, w, peer.times(b), weight_bytes, bandwidth)
-    row["ours"] = bench_ours(llm, w, b, weight_bytes, bandwidth)
-    row["ours"]["flop_share"] = b * row_flops / flops / (row["ours"]["decode_ms_per_step"] / 1000)
+        row["vllm"] = _figures(b, w, peer.times(b))
+    row["ours"] = bench_ours(llm, w, b)
     if reference:
-        row["reference"] = bench_transformers(folder, w, b, weight_bytes, bandwidth)
+        row["reference"] = bench_transformers(folder, w, b)
         row["ratio"] = row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
     if peer is not None:
         row["ratio_vllm"] = row["ours"]["tokens_per_s"] / row["vllm"]["tokens_per_s"]
@@ -309,8 +335,7 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
         output: str | Path | None = None, log: Callable[[str], None] = print,
         vllm_python: str | None = None, decode_window: int = 0) -> dict[str, Any]:
     """Run W1 (or `model`'s weights with W1's prompts) and return every figure as a dict."""
-    bandwidth = measure_read_bandwidth()
-    flops = measure_matmul_flops(dtype=w.dtype)
+    peaks = Peaks()
     max_len = w.prompt_len + w.max_tokens
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
@@ -329,15 +354,23 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
         results = []
         with VllmPeer(vllm_python, folder, w) if vllm_python else contextlib.nullcontext() as peer:
             for b in w.batch_sizes:
-                results.append(_bench_row(llm, peer, folder, w, b, weight_bytes, bandwidth, row_flops,
-                                          flops, reference))
+                peaks = peaks.highest(Peaks.measure(w.dtype))
+                results.append(_bench_row(llm, peer, folder, w, b, reference))
+                _add_utilisation(results[-1], weight_bytes, row_flops, peaks)  # against the peaks so far
                 log(_row_text(results[-1]))
+        peaks = peaks.highest(Peaks.measure(w.dtype))
+    for row in results:  # the figures against the run's final peaks
+        _add_utilisation(row, weight_bytes, row_flops, peaks)
+    log(f"peaks over the run: read {peaks.read_bytes_per_s / 1e9:.1f} GB/s, matmul "
+        f"{peaks.matmul_flops_per_s / 1e9:.0f} GFLOP/s; MBU / FLOP share against them: "
+        + ", ".join(f"batch {r['batch_size']} {100 * r['ours']['mbu']:.1f}% / "
+                    f"{100 * r['ours']['flop_share']:.1f}%" for r in results))
     report = {
         "workload": dataclasses.asdict(w),
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.devices()[0].platform,
-        "read_bandwidth_gb_per_s": bandwidth / 1e9,
-        "matmul_gflop_per_s": flops / 1e9,
+        "read_bandwidth_gb_per_s": peaks.read_bytes_per_s / 1e9,
+        "matmul_gflop_per_s": peaks.matmul_flops_per_s / 1e9,
         "matmul_flops_per_row": row_flops,
         "weight_bytes": weight_bytes,
         "results": results,

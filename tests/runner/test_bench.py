@@ -111,12 +111,15 @@ def test_vllm_peer_runs_each_batch_size_in_one_engine(fake_vllm, tmp_path):
     assert [c[0] for c in calls[1:]] == ["generate"] * (len(calls) - 1)
     sizes = [c[1] for c in calls[1:]]
     assert sizes == sorted(sizes) and set(sizes) == {1, 3}  # batch 1's runs, then batch 3's
-    for row in json.loads(out.read_text())["results"]:
+    report = json.loads(out.read_text())
+    for row in report["results"]:
         v = row["vllm"]
         # 10 ms per token: the step, and the whole run of 16 tokens.
         assert v["decode_ms_per_step"] == pytest.approx(10.0, rel=0.2)
         assert v["total_s"] == pytest.approx(0.16, rel=0.2)
         assert row["ratio_vllm"] == pytest.approx(row["ours"]["tokens_per_s"] / v["tokens_per_s"])
+        assert v["mbu"] == pytest.approx(report["weight_bytes"] / (v["decode_ms_per_step"] / 1000)
+                                         / (report["read_bandwidth_gb_per_s"] * 1e9))
 
 
 def test_a_peer_that_fails_to_start_names_its_error(fake_vllm, monkeypatch):
