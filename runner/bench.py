@@ -118,20 +118,21 @@ def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 1
 class Peaks:
     """The fastest read and matmul rates of a run: MBU and the FLOP share divide by them.
 
-    The host is shared, so the run samples them before every batch size and keeps the
-    highest: a sample taken while a neighbour ran reads low and would flatter both figures
-    (one run's fastest-of-ten read rate was 27 GB/s, another's 31)."""
+    The host is shared, so a run samples them before every batch size and at the end and
+    keeps the fastest: a sample taken while a neighbour ran reads low and would flatter both
+    figures (on the 2-core host, samples of the read rate, each the fastest of ten calls,
+    ranged from 27 to 50 GB/s over one day's runs)."""
 
-    read_bytes_per_s: float = 0.0
-    matmul_flops_per_s: float = 0.0
+    read_bytes_per_s: float
+    matmul_flops_per_s: float
 
     @classmethod
     def measure(cls, dtype: str) -> Peaks:
         return cls(measure_read_bandwidth(), measure_matmul_flops(dtype=dtype))
 
-    def highest(self, other: Peaks) -> Peaks:
-        return Peaks(max(self.read_bytes_per_s, other.read_bytes_per_s),
-                     max(self.matmul_flops_per_s, other.matmul_flops_per_s))
+    @classmethod
+    def fastest(cls, samples: list[Peaks]) -> Peaks:
+        return cls(max(p.read_bytes_per_s for p in samples), max(p.matmul_flops_per_s for p in samples))
 
 
 def matmul_flops_per_row(params: Any) -> int:
@@ -335,7 +336,7 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
         output: str | Path | None = None, log: Callable[[str], None] = print,
         vllm_python: str | None = None, decode_window: int = 0) -> dict[str, Any]:
     """Run W1 (or `model`'s weights with W1's prompts) and return every figure as a dict."""
-    peaks = Peaks()
+    samples: list[Peaks] = []
     max_len = w.prompt_len + w.max_tokens
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
@@ -354,14 +355,16 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
         results = []
         with VllmPeer(vllm_python, folder, w) if vllm_python else contextlib.nullcontext() as peer:
             for b in w.batch_sizes:
-                peaks = peaks.highest(Peaks.measure(w.dtype))
+                samples.append(Peaks.measure(w.dtype))
                 results.append(_bench_row(llm, peer, folder, w, b, reference))
-                _add_utilisation(results[-1], weight_bytes, row_flops, peaks)  # against the peaks so far
+                _add_utilisation(results[-1], weight_bytes, row_flops, Peaks.fastest(samples))  # so far
                 log(_row_text(results[-1]))
-        peaks = peaks.highest(Peaks.measure(w.dtype))
+        samples.append(Peaks.measure(w.dtype))
+    peaks = Peaks.fastest(samples)
     for row in results:  # the figures against the run's final peaks
         _add_utilisation(row, weight_bytes, row_flops, peaks)
-    log(f"peaks over the run: read {peaks.read_bytes_per_s / 1e9:.1f} GB/s, matmul "
+    log(f"peaks over the run (fastest of {len(samples)} samples): read {peaks.read_bytes_per_s / 1e9:.1f} GB/s"
+        f" (samples {', '.join(f'{p.read_bytes_per_s / 1e9:.1f}' for p in samples)}), matmul "
         f"{peaks.matmul_flops_per_s / 1e9:.0f} GFLOP/s; MBU / FLOP share against them: "
         + ", ".join(f"batch {r['batch_size']} {100 * r['ours']['mbu']:.1f}% / "
                     f"{100 * r['ours']['flop_share']:.1f}%" for r in results))
@@ -371,6 +374,9 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
         "platform": jax.devices()[0].platform,
         "read_bandwidth_gb_per_s": peaks.read_bytes_per_s / 1e9,
         "matmul_gflop_per_s": peaks.matmul_flops_per_s / 1e9,
+        # Every sample, before each batch size and at the end: the host's rates move.
+        "read_bandwidth_samples_gb_per_s": [p.read_bytes_per_s / 1e9 for p in samples],
+        "matmul_gflop_samples_per_s": [p.matmul_flops_per_s / 1e9 for p in samples],
         "matmul_flops_per_row": row_flops,
         "weight_bytes": weight_bytes,
         "results": results,

@@ -28,6 +28,10 @@ def report(tmp_path_factory):
 
 def test_report_holds_every_field(report):
     assert report["read_bandwidth_gb_per_s"] > 0 and report["weight_bytes"] > 0
+    # Sampled before each batch size and at the end; the fastest sample is the peak.
+    assert len(report["read_bandwidth_samples_gb_per_s"]) == len(report["results"]) + 1
+    assert report["read_bandwidth_gb_per_s"] == max(report["read_bandwidth_samples_gb_per_s"])
+    assert report["matmul_gflop_per_s"] == max(report["matmul_gflop_samples_per_s"])
     assert [r["batch_size"] for r in report["results"]] == [1, 4]
     for row in report["results"]:
         for side in ("ours", "reference"):
