@@ -67,8 +67,9 @@ def _attention_block(layer: LayerParams, x: jax.Array, cache: KVCache, batch: Ba
         k = _norm(k, layer.k_norm, cfg)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     ops = BACKENDS[backend]
-    cache = ops.write_kv(cache, k, v, batch.slot_mapping, layer.k_scale, layer.v_scale)
-    o = ops.paged_attention(q, cache, batch, layer.k_scale, layer.v_scale, spec)  # [T, H, Dh]
+    with jax.named_scope("attention"):  # names the profile's operations (benchmarks/trace_profile.py)
+        cache = ops.write_kv(cache, k, v, batch.slot_mapping, layer.k_scale, layer.v_scale)
+        o = ops.paged_attention(q, cache, batch, layer.k_scale, layer.v_scale, spec)  # [T, H, Dh]
     return x + _post_norm(o.reshape(T, H * Dh) @ layer.wo, layer.attn_post_norm, cfg), cache
 
 
@@ -123,6 +124,7 @@ def forward(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: Mo
     return _norm(x, params.final_norm, cfg), tuple(new_cache)
 
 
+@jax.named_scope("lm_head")
 def compute_logits(params: Params, hidden: jax.Array, softcap: float | None) -> jax.Array:
     """[.., D] -> [.., V] float32 logits; tied models project with the embedding leaf.
     `softcap`: the model's `final_logit_softcapping` (Gemma 2), applied in float32."""

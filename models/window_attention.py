@@ -62,6 +62,7 @@ def fits(kv_cache: tuple[KVCache, ...], block_tables: jax.Array) -> bool:
     return context_bytes(len(kv_cache), block_tables.shape, kv_cache[0].k.shape) <= CONTEXT_BUDGET_BYTES
 
 
+@jax.named_scope("open_window")
 def open_window(pages: KVCache, block_tables: jax.Array, start: jax.Array, k_scale: jax.Array,
                 v_scale: jax.Array) -> WindowKV:
     """The window's view of one layer: every row's blocks gathered once."""

@@ -150,6 +150,7 @@ _MODES = tuple(SamplerFlags(all_greedy=g, needs_sort=s, num_logprobs=0)
                for g, s in ((True, False), (False, False), (False, True)))
 
 
+@jax.named_scope("sampler")
 def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: jax.Array) -> SamplerOutput:
     """`sample` with every stage switched on the device instead of at compile time.
 
