@@ -1,12 +1,13 @@
 """Where W1's time goes inside the compiled programs, from XLA's own per-operation trace.
 
-    PYTHONPATH=. python benchmarks/trace_profile.py [--batch-size 8] [--max-tokens 64]
+    PYTHONPATH=. python benchmarks/trace_profile.py [--batch-size 8] [--max-tokens 64] [--keep-hlo]
 
 Runs one `generate` of W1 at the batch size under `jax.profiler` with XLA:CPU's per-thunk
 trace events on, and splits each program's busy time among the operations that ran: when
 two run at once (XLA's CPU executor runs independent operations side by side) each gets
 half of that span, so the figures add up to the program's wall time. Operations are named
-back to the model through the optimised HLO (dumped to a temporary folder):
+back to the model through the optimised HLO, dumped to a temporary folder (removed at exit
+unless `--keep-hlo`):
 
     weights     the layers' projections (dots outside the scopes below)
     attention   KV writes and attention (`jax.named_scope("attention")` in `models.llama`)
@@ -22,11 +23,15 @@ programs the engine runs, with their neighbours.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 _DUMP = tempfile.mkdtemp(prefix="w1_hlo_")
+if "--keep-hlo" not in sys.argv:  # read here: the dump folder must be known before jax starts
+    atexit.register(shutil.rmtree, _DUMP, ignore_errors=True)
 # Read by XLA when the backend starts: set before jax is imported.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
                            f" --xla_dump_to={_DUMP} --xla_dump_hlo_as_text").strip()
@@ -122,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=Workload.max_tokens)
+    parser.add_argument("--keep-hlo", action="store_true", help="keep the dumped HLO and print where it is")
     args = parser.parse_args()
     w = Workload(max_tokens=args.max_tokens)
     cfg = w.model_config()
@@ -140,7 +146,7 @@ def main() -> None:
         raw = json.load(gzip.open(next(trace.rglob("*.trace.json.gz"))))
     events = raw["traceEvents"] if isinstance(raw, dict) else raw
     steps = w.max_tokens - 1  # the first token comes from the general step
-    print(f"W1 at batch {args.batch_size}, {w.max_tokens} new tokens (HLO in {_DUMP})")
+    print(f"W1 at batch {args.batch_size}, {w.max_tokens} new tokens" + (f" (HLO in {_DUMP})" if args.keep_hlo else ""))
     for module, title in PROGRAMS.items():
         mine = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_module") == module]
         if not mine:
