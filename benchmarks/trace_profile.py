@@ -95,7 +95,7 @@ def category(line: str, vocab_size: int) -> str:
                         ("sampler", "sampler")):
         if f"/{scope}/" in op:
             return name
-    if dots and not op and re.match(rf"f32\[\d+,{vocab_size}\]", named.split(" ")[0]):
+    if dots and not op and re.match(rf"\w+\[\d+,{vocab_size}\]", named.split(" ")[0]):
         return "lm_head"  # XLA drops the metadata of some one-row dots: the shape names it
     return "weights" if dots else "other"
 

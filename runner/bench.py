@@ -286,8 +286,10 @@ class VllmPeer:
             if line is None:
                 self.close()
                 self._stderr.seek(0)
+                stderr = self._stderr.read()[-3000:]
+                self._stderr.close()  # a peer that failed in __init__ never reaches __exit__
                 raise RuntimeError(f"vLLM peer ({self._proc.args[0]}) gave no {prefix!r} line "
-                                   f"(exit {self._proc.returncode}):\n{self._stderr.read()[-3000:]}")
+                                   f"(exit {self._proc.returncode}):\n{stderr}")
             if line.startswith(prefix):
                 return line.removeprefix(prefix).strip()
 
