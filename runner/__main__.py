@@ -1,4 +1,8 @@
-"""Command line: `python -m runner generate "prompt"` (and `bench`, see runner/bench.py)."""
+"""Command line: `python -m runner generate "prompt"` (and `bench`, see runner/bench.py).
+
+A user's mistake (a wrong path, a value out of range) ends the run with one line,
+`error: <message>` on stderr and exit status 1; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ def _generate(args: argparse.Namespace) -> int:
     from runner import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed,
-              max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks)
+    # Before the model loads: a bad sampling value is refused without the wait.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed,
+              max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks)
     prompts = args.prompts or ["def fibonacci(n):"]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
@@ -45,10 +50,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a user's own input can raise: a folder or file that is not there or not readable
+# (OSError), a value the config, the loader or the sampling settings refuse (ValueError,
+# CheckpointError included). Anything else is a defect and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runner", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m runner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    debug_help = "show the full traceback of an error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Accepted after the command too (`generate ... --debug`), where users put it; SUPPRESS
+    # keeps a subcommand that lacks it from resetting the value given before the command.
+    after_command = argparse.ArgumentParser(add_help=False)
+    after_command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="complete prompts with a model (default: the built-in one)")
+    gen = commands.add_parser("generate", parents=[after_command],
+                              help="complete prompts with a model (default: the built-in one)")
     gen.add_argument("prompts", nargs="*", help="prompt texts (default: a Python snippet)")
     gen.add_argument("--model", default=None, help="Hugging Face or orbax folder; default: built-in model")
     gen.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy", "orbax"])
@@ -65,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="persistent compilation cache directory (a second run starts faster)")
     gen.set_defaults(func=_generate)
 
-    b = commands.add_parser("bench", help="workload W1 on this runner and on transformers, side by side "
-                                          "(every workload flag defaults to W1's value)")
+    b = commands.add_parser("bench", parents=[after_command],
+                            help="workload W1 on this runner and on transformers, side by side "
+                                 "(every workload flag defaults to W1's value)")
     b.add_argument("--model", default=None, help="HF folder to benchmark instead of W1's random weights")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
@@ -80,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--output", default="bench.json", help="JSON report path")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"error: {str(e) or type(e).__name__}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -200,12 +200,6 @@ class PromptLogprobs:
     ranks: np.ndarray  # [n] 1-based rank of the next prompt token
 
 
-def _gathers_prompt_logprobs(s: ScheduledRequest) -> bool:
-    """Whether `s` computes prompt positions whose log-probabilities its request wants
-    (only the general step returns the hidden states they come from)."""
-    return s.request.sampling_params.prompt_logprobs is not None and s.request.is_prefilling_prompt
-
-
 class ModelRunner:
     """The shell around one `RunnerState`: lifecycle operations swap it, steps read it."""
 
@@ -315,8 +309,8 @@ class ModelRunner:
         and decodes (a window of `out.num_steps` tokens for decodes), gather requested
         log-probabilities. Returns results by request id.
 
-        Single-token sequences (decodes; not prompt positions whose logprobs are wanted) run
-        through the decode window, the rest through the general batch. The general batch's
+        Chunks `in_decode_program` (decodes; not prompt positions whose logprobs are wanted)
+        run through the decode window, the rest through the general batch. The general batch's
         masked attention costs its tokens times every key it lists; keeping decode contexts
         out of it is worth reading the weights twice (measured on W1 at batch 32: mixed
         steps 4x cheaper). Both shapes are ones the warm-up compiles already, and each
@@ -324,9 +318,10 @@ class ModelRunner:
 
         The general batch runs first: a one-token chunk may read prompt blocks that a
         prefill of the same step writes (the scheduler shares them, e.g. between the `n`
-        samples of one prompt).
+        samples of one prompt). The scheduler shares only blocks the general batch writes,
+        for the same reason (`Scheduler._blocks_written`).
         """
-        decodes = [s for s in out.scheduled if s.num_tokens == 1 and not _gathers_prompt_logprobs(s)]
+        decodes = [s for s in out.scheduled if s.in_decode_program]
         rest = [s for s in out.scheduled if s not in decodes]
         results = self._execute_general(SchedulerOutput(rest)) if rest else {}
         if decodes:

@@ -44,6 +44,14 @@ class ScheduledRequest:
     def end(self) -> int:
         return self.start + self.num_tokens
 
+    @property
+    def in_decode_program(self) -> bool:
+        """Whether the chunk runs in the decode program, which a step runs after its
+        general batch (`ModelRunner.execute_model`): one token, and no prompt positions
+        whose log-probabilities its request gathers (only the general batch returns them)."""
+        return self.num_tokens == 1 and not (self.request.sampling_params.prompt_logprobs is not None
+                                             and self.request.is_prefilling_prompt)
+
 
 @dataclass
 class SchedulerStats:
@@ -202,16 +210,22 @@ class Scheduler:
                        - len(r.block_ids), 0) for r in self.running)
 
     def _blocks_written(self, scheduled: Iterable[ScheduledRequest]) -> dict[bytes, int]:
-        """Hash -> block of the full blocks the `scheduled` chunks complete in this step.
+        """Hash -> block of the full blocks that `scheduled` chunks of the general batch
+        complete in this step.
 
-        A forward writes every token's KV before attention reads any, so a request admitted
-        later in the same step can start after these blocks, as after a prefix-cache hit:
-        the `n` samples of one prompt, or equal prompts, compute the prompt once.
+        The general batch runs first and a forward writes every token's KV before attention
+        reads any, so a request admitted later in the same step can start after these
+        blocks, as after a prefix-cache hit: the `n` samples of one prompt, or equal
+        prompts, compute the prompt once. A block that a decode completes is not offered:
+        the decode program runs after the general batch, so a reader there would find its
+        last slots unwritten. It is cached once the step has run (`advance`).
         """
         written: dict[bytes, int] = {}
         if not self.pool.enable_caching:
             return written
         for s in scheduled:
+            if s.in_decode_program:
+                continue
             request = s.request
             digests = self.pool.next_hashes(request.block_hashes, request.all_token_ids,
                                             s.end // self.block_size)
