@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ class EngineArgs:
 
     load_format: str = "auto"
     dtype: str = "auto"
-    seed: int = 0
+    seed: int | None = 0  # None: drawn at random, as vLLM leaves an unseeded engine
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -87,6 +88,8 @@ class EngineArgs:
     compilation_config: Any = None
 
     def __post_init__(self) -> None:
+        if self.seed is None:
+            object.__setattr__(self, "seed", secrets.randbits(32))
         refusals = {
             "quantization": (self.quantization is None, "no quantized weight format is served yet; "
                              "load the float checkpoint (or use kv_cache_dtype='fp8' for the cache)"),

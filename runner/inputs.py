@@ -64,15 +64,28 @@ def _token_ids(index: int, ids: Any) -> list[int]:
     return out
 
 
+def _is_token_list(prompt: Any) -> bool:
+    """A list, tuple or 1-D array whose first item is an int: vLLM reads it as one prompt
+    of token ids (a list of such lists is several prompts)."""
+    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", None) == 1:
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    first = prompt[0]
+    return not isinstance(first, bool) and hasattr(first, "__index__")
+
+
 def parse_prompt(index: int, prompt: Any) -> tuple[str | None, list[int] | None]:
     """(text, token ids) of one prompt: text only for a string or {"prompt": text}, ids for
-    {"prompt_token_ids": ids} (with the text too when the dict also has "prompt"). Media and
-    unknown keys are refused, naming the prompt's index and the key."""
+    a list of ints or {"prompt_token_ids": ids} (with the text too when the dict also has
+    "prompt"). Media and unknown keys are refused, naming the prompt's index and the key."""
     if isinstance(prompt, str):
         return prompt, None
+    if _is_token_list(prompt):
+        return None, _token_ids(index, prompt)
     if not isinstance(prompt, dict):
-        raise ValueError(f"prompt {index}: expected a str, {{'prompt': str}} or {{'prompt_token_ids': [int]}}, "
-                         f"got {type(prompt).__name__}")
+        raise ValueError(f"prompt {index}: expected a str, a list of int token ids, {{'prompt': str}} or "
+                         f"{{'prompt_token_ids': [int]}}, got {type(prompt).__name__}")
     unknown = sorted(set(prompt) - _KNOWN_KEYS, key=str)
     if unknown:
         raise ValueError(f"prompt {index}: unknown key {unknown[0]!r}; expected 'prompt' or 'prompt_token_ids'")
@@ -89,12 +102,13 @@ def parse_prompt(index: int, prompt: Any) -> tuple[str | None, list[int] | None]
     return text, None
 
 
-Prompt = str | dict[str, Any]
+Prompt = str | dict[str, Any] | Sequence[int]
 
 
 def prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt or a sequence of them, as a list."""
-    if isinstance(prompts, (str, dict)):
+    """One prompt or a sequence of them, as a list. A flat list of ints is one prompt of
+    token ids, as in vLLM; a list of such lists is several."""
+    if isinstance(prompts, (str, dict)) or _is_token_list(prompts):
         return [prompts]
     if isinstance(prompts, Iterable) and not isinstance(prompts, (bytes, bytearray)):
         return list(prompts)
@@ -120,15 +134,15 @@ def sampling_list(sampling_params: Any, n: int) -> list[SamplingParams]:
     return params_list
 
 
-def encode_prompt(index: int, prompt: Prompt, tokenizer: Tokenizer | None,
-                  config: RunnerConfig) -> tuple[str | None, list[int]]:
+def encode_prompt(index: int, prompt: Prompt, tokenizer: Tokenizer | None, config: RunnerConfig,
+                  why_no_tokenizer: str = "the model folder has no tokenizer.json") -> tuple[str | None, list[int]]:
     """(text, token ids) of one prompt, the ids checked against the vocabulary and
-    max_model_len."""
+    max_model_len. `why_no_tokenizer` completes the message for text without a tokenizer."""
     text, ids = parse_prompt(index, prompt)
     if ids is None:
         if tokenizer is None:
-            raise ValueError(f"prompt {index} is text but the model has no tokenizer.json; "
-                             "pass {'prompt_token_ids': [...]} instead")
+            raise ValueError(f"prompt {index} is text but there is no tokenizer ({why_no_tokenizer}); "
+                             "pass token ids ({'prompt_token_ids': [...]} or a list of ints) instead")
         try:
             ids = tokenizer.encode(text)
         except ValueError as e:
@@ -157,11 +171,18 @@ def check_request(index: int, ids: list[int], params: SamplingParams, config: Ru
         params = params.validated(config.scheduler_config.max_model_len, len(ids))
     except ValueError as e:
         raise ValueError(f"prompt {index}: {e}") from None
-    for name in ("logprobs", "prompt_logprobs"):
-        if (getattr(params, name) or 0) > max_logprobs:
-            raise ValueError(f"prompt {index}: SamplingParams.{name}={getattr(params, name)} exceeds "
-                             f"max_logprobs={max_logprobs} (raise it when building the LLM)")
     vocab = config.model_config.vocab_size
+    for name in ("logprobs", "prompt_logprobs"):
+        asked = getattr(params, name)
+        if asked == -1:  # vLLM's whole vocabulary, bounded by max_logprobs as there
+            if vocab > max_logprobs:
+                raise ValueError(f"prompt {index}: SamplingParams.{name}=-1 asks for the whole vocabulary "
+                                 f"({vocab} entries per position), more than max_logprobs={max_logprobs}; "
+                                 f"ask for at most {max_logprobs}")
+            setattr(params, name, vocab)
+        elif (asked or 0) > max_logprobs:
+            raise ValueError(f"prompt {index}: SamplingParams.{name}={asked} exceeds "
+                             f"max_logprobs={max_logprobs} (raise it when building the LLM)")
     for name, tokens in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or ())):
         bad = [t for t in tokens if not 0 <= t < vocab]
         if bad:

@@ -72,6 +72,10 @@ class LLM:
         config = args.to_config(model, model_config)
         # The tokenizer and generation defaults first: bad files fail before any weight loads.
         tokenizer = None if args.skip_tokenizer_init else _resolve_tokenizer(tokenizer, config.model_config)
+        self._why_no_tokenizer = ("skip_tokenizer_init=True" if args.skip_tokenizer_init
+                                  else "the model folder has no tokenizer.json" if config.model_config.model
+                                  else "an LLM built from a parameter tree has one only when given "
+                                       "tokenizer=<folder or runner.tokenizer.Tokenizer>")
         self._default_params = _default_sampling_params(args.generation_config, config.model_config)
         self._max_logprobs = args.max_logprobs
         compilation.warn_if_near_map_limit()
@@ -192,20 +196,24 @@ class LLM:
     @_exclusive
     def generate(self, prompts: inputs.Prompt | Sequence[inputs.Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request: Any = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in prompt order.
 
-        A prompt is a string (needs a tokenizer), `{"prompt": text}`, or
-        `{"prompt_token_ids": [...]}` (`runner.inputs.TextPrompt` / `TokensPrompt`);
+        A prompt is a string (needs a tokenizer), `{"prompt": text}`, a list of token ids,
+        or `{"prompt_token_ids": [...]}` (`runner.inputs.TextPrompt` / `TokensPrompt`);
         `sampling_params` defaults to `get_default_sampling_params()`. Every prompt is
         checked before any request exists: a bad one fails the call with no request id or
         seed drawn. Each request keeps its own copy of the settings it was given.
+        `lora_request` and `priority` are vLLM's keywords: accepted at their defaults.
         """
+        _check_vllm_only(lora_request, priority)
         self.engine.runner.state.check_servable()
         prompts = inputs.prompt_list(prompts)
         params_list = inputs.sampling_list(
             self.get_default_sampling_params() if sampling_params is None else sampling_params, len(prompts))
-        encoded = [inputs.encode_prompt(i, p, self.tokenizer, self.config) for i, p in enumerate(prompts)]
+        encoded = [inputs.encode_prompt(i, p, self.tokenizer, self.config, self._why_no_tokenizer)
+                   for i, p in enumerate(prompts)]
         params_list = [inputs.check_request(i, ids, p, self.config, self.scheduler, self.tokenizer,
                                             self._max_logprobs)
                        for i, ((_, ids), p) in enumerate(zip(encoded, params_list))]
@@ -216,10 +224,11 @@ class LLM:
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None, lora_request: Any = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of `{"role", "content"}` messages) or
         a batch of them, rendered with the folder's chat template (or `chat_template`)
         exactly as `transformers`' `apply_chat_template` renders it."""
+        _check_vllm_only(lora_request, None)
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer: the model folder has no tokenizer.json "
                              "(or skip_tokenizer_init=True)")
@@ -259,6 +268,17 @@ class LLM:
             raise
         finally:
             bar.close()
+
+
+def _check_vllm_only(lora_request: Any, priority: Sequence[int] | None) -> None:
+    """vLLM scripts pass these keywords at their defaults; anything else asks for a feature
+    this runner does not have."""
+    if lora_request is not None:
+        raise ValueError("lora_request: LoRA adapters are not served; merge the adapter into the weights "
+                         "(or pass lora_request=None)")
+    if priority is not None and any(p != 0 for p in priority):
+        raise ValueError("priority: requests are served first come, first served (no priority "
+                         "scheduling); pass priority=None")
 
 
 def _default_sampling_params(source: str, model_config: ModelConfig) -> SamplingParams:

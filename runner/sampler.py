@@ -204,9 +204,9 @@ def prompt_logprobs(logits: jax.Array, next_ids: jax.Array) -> tuple[jax.Array, 
         next_ids: [T] the token that follows each position.
 
     Returns:
-        [T] its log-probability, [T, MAX_LOGPROBS] top ids and log-probabilities, [T] its rank.
+        [T] its log-probability, [T, top_width(V)] top ids and log-probabilities, [T] its rank.
     """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, next_ids[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, top_width(logits.shape[-1]))
     return chosen, top_ids.astype(jnp.int32), top_logprobs, _ranks(logprobs, chosen)

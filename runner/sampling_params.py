@@ -223,8 +223,10 @@ class SamplingParams:
                 raise self._bad(name, "a bool")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
-                raise self._bad(name, f"None or an int in [0, {MAX_LOGPROBS}]")
+            # -1: the whole vocabulary, as in vLLM; the engine resolves it against its
+            # vocabulary and max_logprobs at submission.
+            if value is not None and (not _is_int(value) or not -1 <= value <= MAX_LOGPROBS):
+                raise self._bad(name, f"None, -1 (the whole vocabulary) or an int in [0, {MAX_LOGPROBS}]")
 
     def _validate_compat(self) -> None:
         if self.best_of is not None and self.best_of != self.n:

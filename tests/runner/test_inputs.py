@@ -18,6 +18,7 @@ def test_accepted_forms():
     assert ids == [3, 4] and all(type(t) is int for t in ids)
     assert parse_prompt(0, {"prompt_token_ids": np.array([7, 8])}) == (None, [7, 8])
     assert parse_prompt(0, {"prompt": "x", "multi_modal_data": None}) == ("x", None)
+    assert parse_prompt(0, [1, 2]) == parse_prompt(0, (1, 2)) == parse_prompt(0, np.array([1, 2])) == (None, [1, 2])
 
 
 @pytest.mark.parametrize("prompt, error", [
@@ -30,7 +31,8 @@ def test_accepted_forms():
     ({"prompt_token_ids": "12"}, r"^prompt 3: prompt_token_ids: expected a list of ints, got str"),
     ({"prompt": 5}, r"^prompt 3: 'prompt': expected a str, got int"),
     ({}, r"^prompt 3: expected a 'prompt' or 'prompt_token_ids' key"),
-    ([1, 2], r"^prompt 3: expected a str, .* got list"),
+    ([[1, 2]], r"^prompt 3: expected a str, a list of int token ids, .* got list"),
+    ([], r"^prompt 3: expected a str, a list of int token ids, .* got list"),
     (None, r"^prompt 3: expected a str, .* got NoneType"),
 ])
 def test_refused_forms_name_the_prompt_and_key(prompt, error):

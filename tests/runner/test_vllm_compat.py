@@ -5,6 +5,7 @@ detokenization, and the smaller calls (metrics, reset_prefix_cache, wake_up, col
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -108,8 +109,8 @@ def test_gpu_memory_utilization_is_a_fraction_of_the_host_budget(llm):
 def test_skip_tokenizer_init(llm):
     bare = LLM(BUILTIN, skip_tokenizer_init=True)
     assert bare.get_tokenizer() is None
-    with pytest.raises(ValueError, match=r"prompt 0 is text but the model has no tokenizer.json; "
-                                         r"pass \{'prompt_token_ids': \[...\]\} instead"):
+    with pytest.raises(ValueError, match=r"prompt 0 is text but there is no tokenizer \(skip_tokenizer_init=True\); "
+                                         r"pass token ids \(\{'prompt_token_ids': \[...\]\} or a list of ints\)"):
         bare.generate("def f(x):", GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="chat needs a tokenizer"):
         bare.chat(CONVERSATION, GREEDY, use_tqdm=False)
@@ -447,6 +448,75 @@ def test_prompt_forms_agree(llm):
         assert out.prompt_token_ids == ids
         assert out.outputs[0].token_ids == outs[0].outputs[0].token_ids
         assert out.outputs[0].text == outs[0].outputs[0].text != ""
+
+
+def test_a_list_of_ints_is_one_prompt_and_a_list_of_lists_several(llm):
+    # vLLM 0.32: `generate([485, 287, 1501])` is one prompt of token ids, and
+    # `generate([[...], [...]])` one per inner list, in order.
+    ids = [[485, 287, 1501], [7, 8, 9, 10]]
+    as_dicts = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ids], GREEDY,
+                                                            use_tqdm=False)]
+    one = llm.generate(ids[0], GREEDY, use_tqdm=False)
+    assert len(one) == 1 and one[0].prompt_token_ids == ids[0] and one[0].outputs[0].token_ids == as_dicts[0]
+    several = llm.generate(ids, GREEDY, use_tqdm=False)
+    assert [o.prompt_token_ids for o in several] == ids
+    assert [o.outputs[0].token_ids for o in several] == as_dicts
+    assert llm.generate(tuple(ids[1]), GREEDY, use_tqdm=False)[0].outputs[0].token_ids == as_dicts[1]
+    assert llm.generate(np.array(ids[1]), GREEDY, use_tqdm=False)[0].outputs[0].token_ids == as_dicts[1]
+    with pytest.raises(ValueError, match=r"prompt 0: prompt_token_ids\[1\]: expected an int"):
+        llm.generate([1, [2]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt 1: token id 99999 is outside the vocabulary"):
+        llm.generate([[1, 2], [99999]], GREEDY, use_tqdm=False)
+
+
+def test_vllm_generate_keywords_at_their_defaults(llm):
+    expected = llm.generate([5, 6, 7], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    out = llm.generate([5, 6, 7], GREEDY, use_tqdm=False, lora_request=None, priority=[0])
+    assert out[0].outputs[0].token_ids == expected
+    with pytest.raises(ValueError, match="lora_request: LoRA adapters are not served"):
+        llm.generate([5, 6, 7], GREEDY, use_tqdm=False, lora_request=object())
+    with pytest.raises(ValueError, match="priority: requests are served first come"):
+        llm.generate([5, 6, 7], GREEDY, use_tqdm=False, priority=[1])
+    assert llm.chat(CONVERSATION, GREEDY, use_tqdm=False, lora_request=None)[0].outputs[0].token_ids
+
+
+def test_seed_none_draws_one():
+    a, b = LLM(seed=None, max_model_len=64), LLM(seed=None, max_model_len=64)
+    seeds = [x.config.load_config.seed for x in (a, b)]
+    assert all(isinstance(s, int) for s in seeds) and seeds[0] != seeds[1]
+
+
+def test_text_prompt_without_a_tokenizer_says_how_to_give_one(tiny):
+    llm, _ = tiny
+    in_memory = dataclasses.replace(llm.config.model_config, model=None)  # as training code builds it
+    bare = LLM.from_params(in_memory, llm.runner.params, max_model_len=64, num_kv_blocks=8)
+    with pytest.raises(ValueError, match=r"no tokenizer \(an LLM built from a parameter tree has one only when given tokenizer="):
+        bare.generate("hello", GREEDY, use_tqdm=False)
+    assert bare.generate([5, 6], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_logprobs_minus_one_is_the_whole_vocabulary():
+    from runner.loader import dummy_params
+    from state.config import ModelConfig
+    cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=16, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      tie_word_embeddings=True, max_position_embeddings=64, initializer_range=0.3)
+    llm = LLM.from_params(cfg, dummy_params(cfg, seed=0), max_model_len=64, num_kv_blocks=8, block_size=16)
+    prompt = [3, 9, 1, 14, 7]
+    params = dict(temperature=1.0, seed=5, max_tokens=4, ignore_eos=True)
+    full = llm.generate([prompt], SamplingParams(logprobs=-1, prompt_logprobs=-1, **params), use_tqdm=False)[0]
+    top3 = llm.generate([prompt], SamplingParams(logprobs=3, prompt_logprobs=3, **params), use_tqdm=False)[0]
+    assert full.outputs[0].token_ids == top3.outputs[0].token_ids
+    rows = full.outputs[0].logprobs + full.prompt_logprobs[1:]
+    capped = top3.outputs[0].logprobs + top3.prompt_logprobs[1:]
+    for row, few in zip(rows, capped):
+        assert sorted(row) == list(range(16))
+        assert sorted(lp.rank for lp in row.values()) == list(range(1, 17))
+        assert math.fsum(math.exp(lp.logprob) for lp in row.values()) == pytest.approx(1.0, abs=1e-5)
+        for token, lp in few.items():
+            assert row[token].logprob == pytest.approx(lp.logprob, abs=1e-6) and row[token].rank == lp.rank
+    with pytest.raises(ValueError, match=r"logprobs=-1 asks for the whole vocabulary \(4096 entries"):
+        LLM(max_model_len=64).generate([1, 2], SamplingParams(logprobs=-1), use_tqdm=False)
 
 
 def test_multi_modal_data_is_refused(llm):
