@@ -31,15 +31,15 @@ import numpy as np
 
 from models import window_attention
 from models.attention import decode_attention, write_kv
-from runner.bench import (Workload, least_time, matmul_flops_per_row, measure_matmul_flops,
+from benchmarks.bench import (Workload, least_time, matmul_flops_per_row, measure_matmul_flops,
                           measure_read_bandwidth)
-from runner.decode_loop import DecodeState, RowSettings, decode_window
-from runner.loader import dummy_params
-from runner.model_runner import program_params
+from models.decode_loop import DecodeState, RowSettings, decode_window
+from runner.device.loader import dummy_params
+from runner.device.model_runner import program_params
 from state.config import AUTO_DECODE_WINDOW
-from runner.sampler import sample_switched
+from models.sampler import sample_switched
 from state.batch import Batch, cdiv
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 from state.params import param_bytes
 
 

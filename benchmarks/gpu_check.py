@@ -315,7 +315,7 @@ def reload_equals_fresh_load(section: Section, sizes: Sizes) -> None:
     """Dummy load, switch to the checkpoint, reload: the same tokens as a fresh load, and
     nothing compiled by the reload or the generation after it."""
     from runner import LLM
-    from runner.compilation import CompileCounter
+    from runner.device.compilation import CompileCounter
     prompts = [[5, 6, 7, 8, 9], list(range(10, 31))]
     kwargs = dict(dtype="float32", block_size=BLOCK_SIZE, num_kv_blocks=32, max_model_len=64)
     with tempfile.TemporaryDirectory() as tmp:
@@ -339,7 +339,7 @@ def sleep_memory_and_swap(section: Section, sizes: Sizes) -> None:
     import jax
     import numpy as np
     from runner import LLM
-    from runner.compilation import CompileCounter
+    from runner.device.compilation import CompileCounter
     from state.params import param_bytes
     prompts = [list(range(1, 17))]
     llm = LLM(model_config=bench_config(sizes), load_format="dummy", block_size=BLOCK_SIZE,
@@ -424,7 +424,7 @@ def _decode_step_bytes(sizes: Sizes, batch: int, weight_bytes: int) -> float:
 def bench_ours(llm: Any, sizes: Sizes, batch: int, prompts: list[list[int]], weight_bytes: int,
                bandwidth: float) -> dict[str, Any]:
     from runner import SamplingParams
-    from runner.compilation import CompileCounter
+    from runner.device.compilation import CompileCounter
     reqs = [{"prompt_token_ids": p} for p in prompts]
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0, max_tokens=sizes.new_tokens + 1, ignore_eos=True)

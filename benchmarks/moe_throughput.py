@@ -4,7 +4,7 @@ Both models share everything but the MLP: the MoE one has `num_experts` experts 
 `expert_width`, `top_k` of them active per token; the dense one has one MLP of width
 `top_k * expert_width`, so each token multiplies the same number of weights. The figure
 to read is the ratio MoE / dense tokens per second per batch size (weights are seeded
-random; prompts and greedy decoding as `runner.bench`'s workload, EOS ignored).
+random; prompts and greedy decoding as `benchmarks.bench`'s workload, EOS ignored).
 
     PYTHONPATH=. python benchmarks/moe_throughput.py [--experts 8 --top-k 2 --expert-width 768]
 """
@@ -15,9 +15,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from runner import bench
-from runner.bridge import save_pretrained
-from runner.loader import dummy_params
+from benchmarks import bench
+from runner.formats.bridge import save_pretrained
+from runner.device.loader import dummy_params
 from state.config import ModelConfig, MoeConfig
 
 SHARED = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,

@@ -46,10 +46,10 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
-from runner.bench import Workload  # noqa: E402
-from runner.bridge import save_pretrained  # noqa: E402
+from benchmarks.bench import Workload  # noqa: E402
+from runner.formats.bridge import save_pretrained  # noqa: E402
 from runner.llm import LLM  # noqa: E402
-from runner.loader import dummy_params  # noqa: E402
+from runner.device.loader import dummy_params  # noqa: E402
 from runner.sampling_params import SamplingParams  # noqa: E402
 from state.batch import cdiv  # noqa: E402
 

@@ -24,7 +24,7 @@ from models.attention_spec import AttentionSpec, capped, default_spec, in_window
 from models.flash_attention import flash_attention
 from models.kv_codec import MASKED, dequantise, quantise
 from state.batch import Batch
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 def write_kv(cache: KVCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
              k_scale: jax.Array, v_scale: jax.Array) -> KVCache:

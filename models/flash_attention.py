@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from models.attention_spec import AttentionSpec, capped, default_spec, in_window
 from models.kv_codec import MASKED, dequantise
 from state.batch import Batch
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 # Tokens per query tile and keys per key tile: a step's scores are T x KEY_TILE_KEYS per
 # head, a few MiB at T = 1024, while tiles stay large enough for the matrix units.

@@ -2,7 +2,7 @@
 
 Dense causal attention over `[B, L]` token batches, no KV cache: what a training loop
 wants. Its parameter names follow Flax conventions (`kernel`, `embedding`, `scale`); the
-bridge (`runner.bridge.params_from_flax`) maps them onto the runner's tree, so a model
+bridge (`runner.formats.bridge.params_from_flax`) maps them onto the runner's tree, so a model
 trained here is served without a disk round trip. The math is the serving core's:
 RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU MLP, optional q/k norm,
 optional q/k/v biases, and the serving core's own mixture of experts (`models.moe`) in

@@ -20,7 +20,7 @@ from models.moe import moe_mlp
 from models.rope import apply_rope, rope_tables
 from state.batch import Batch
 from state.config import ModelConfig
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 from state.params import LayerParams, Params
 
 

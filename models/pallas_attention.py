@@ -26,7 +26,7 @@ from models.attention_spec import AttentionSpec, default_spec
 from models.kv_codec import quantise
 from models.flash_attention import flash_attention
 from state.batch import Batch
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 with warnings.catch_warnings():
     # JAX 0.11 marks the module deprecated on import; it is still the GPU decode kernel

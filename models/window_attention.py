@@ -16,7 +16,7 @@ and on XLA's CPU backend that relayout, not the arithmetic, is the cost. On W1 a
 
 The copy costs memory, `context_bytes` per window with every layer at once: `fits` keeps
 windows above `CONTEXT_BUDGET_BYTES` on the per-step reader. It costs time too, one
-gather per window: one-step windows never open it (`runner.model_runner.window_program`).
+gather per window: one-step windows never open it (`runner.device.model_runner.window_program`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from models.attention import write_kv as write_pages
 from models.attention_spec import AttentionSpec, capped, default_spec, in_window
 from models.kv_codec import MASKED, dequantise, quantise
 from state.batch import Batch
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 # Largest context copy (all layers, keys and values, float32) a window may hold.
 CONTEXT_BUDGET_BYTES = 512 << 20

@@ -2,8 +2,8 @@
 the `LLM` facade and the CLI (`python -m runner`)."""
 
 from runner.llm import LLM
-from runner.model_runner import ModelRunner
-from runner.outputs import CompletionOutput, RequestOutput
+from runner.device.model_runner import ModelRunner
+from runner.engine.outputs import CompletionOutput, RequestOutput
 from runner.sampling_params import SamplingParams
 
 __all__ = ["LLM", "CompletionOutput", "ModelRunner", "RequestOutput", "SamplingParams"]

@@ -1,4 +1,4 @@
-"""Command line: `python -m runner generate "prompt"` (and `bench`, see runner/bench.py).
+"""Command line: `python -m runner generate "prompt"` (and `bench`, see benchmarks/bench.py).
 
 A user's mistake (a wrong path, a value out of range) ends the run with one line,
 `error: <message>` on stderr and exit status 1; `--debug` shows the traceback instead.
@@ -13,7 +13,7 @@ import time
 
 def _generate(args: argparse.Namespace) -> int:
     if args.compilation_cache:
-        from runner.compilation import enable_persistent_cache
+        from runner.device.compilation import enable_persistent_cache
         enable_persistent_cache(args.compilation_cache)
     from runner import LLM, SamplingParams
 
@@ -33,14 +33,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# Workload fields the bench command sets; unset ones keep W1's values (`runner.bench.Workload`).
+# Workload fields the bench command sets; unset ones keep W1's values (`benchmarks.bench.Workload`).
 WORKLOAD_FLAGS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "head_dim", "dtype", "prompt_len", "max_tokens", "batch_sizes",
                   "repeats")
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from runner import bench  # here, not at the top: `generate` never loads benchmark code
+    from benchmarks import bench  # here, not at the top: `generate` never loads benchmark code
 
     given = {name: getattr(args, name) for name in WORKLOAD_FLAGS if getattr(args, name) is not None}
     if "batch_sizes" in given:

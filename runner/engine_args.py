@@ -29,7 +29,7 @@ NO_OPS = {
                      "(warmup() compiles them all up front)",
     "disable_log_stats": "the runner logs no periodic statistics; the progress bar is use_tqdm's",
     "swap_space": "preempted requests are recomputed, never swapped to host memory",
-    "compilation_config": "jit placement and XLA's optimisation are fixed; see runner.compilation "
+    "compilation_config": "jit placement and XLA's optimisation are fixed; see runner.device.compilation "
                           "for the persistent compilation cache",
     "trust_remote_code": "no code from a model folder ever runs; a model that needs custom code is "
                          "refused by its architecture name",
@@ -98,7 +98,7 @@ class EngineArgs:
             "tokenizer_mode": (self.tokenizer_mode in ("auto", "hf", "fast", "slow"), "the folder's "
                                "tokenizer.json is always used; expected auto, hf, fast or slow"),
             "distributed_executor_backend": (self.distributed_executor_backend in (None, "uni", "mp"),
-                                             "processes are joined with runner.distributed; expected None, uni or mp"),
+                                             "processes are joined with runner.device.distributed; expected None, uni or mp"),
             "pipeline_parallel_size": (self.pipeline_parallel_size == 1, "only tensor and data parallelism; expected 1"),
             "enable_lora": (self.enable_lora is False, "LoRA adapters are not served; merge them into the weights"),
             "max_logprobs": (isinstance(self.max_logprobs, int) and 0 <= self.max_logprobs <= MAX_LOGPROBS,

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
 from runner.sampling_params import SamplingParams
-from runner.scheduler import Scheduler
-from runner.tokenizer import Tokenizer
+from runner.engine.scheduler import Scheduler
+from runner.formats.tokenizer import Tokenizer
 from state.config import RunnerConfig
 
 class _MediaFields(TypedDict, total=False):

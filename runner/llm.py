@@ -1,8 +1,8 @@
 """`LLM`: the API users script against, vLLM's offline API over one `Engine`.
 
 The facade only: settings become a config (`runner.engine_args`), prompts are checked
-(`runner.inputs`), the engine steps (`runner.engine`), outputs are assembled
-(`runner.outputs`). Calls are serialised: from several threads they run one at a time.
+(`runner.inputs`), the engine steps (`runner.engine.engine`), outputs are assembled
+(`runner.engine.outputs`). Calls are serialised: from several threads they run one at a time.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from runner import compilation, demo, distributed, inputs
-from runner.engine import Engine
-from runner.chat import normalize_conversations
+from runner.device import compilation, distributed
+from runner import demo, inputs
+from runner.engine.engine import Engine
+from runner.formats.chat import normalize_conversations
 from runner.engine_args import EngineArgs
-from runner.generation_config import default_sampling_params
-from runner.model_runner import ModelRunner
-from runner.outputs import RequestOutput, request_output
+from runner.formats.generation_config import default_sampling_params
+from runner.device.model_runner import ModelRunner
+from runner.engine.outputs import RequestOutput, request_output
 from runner.sampling_params import SamplingParams
-from runner.scheduler import Scheduler
-from runner.tokenizer import Tokenizer
-from runner.warmup import WarmupReport, warmup
+from runner.engine.scheduler import Scheduler
+from runner.formats.tokenizer import Tokenizer
+from runner.device.warmup import WarmupReport, warmup
 from state.config import ModelConfig, RunnerConfig
 from state.params import Params
 from state.request import Request
@@ -50,7 +51,7 @@ class LLM:
     Args:
         model: a Hugging Face folder (config.json, safetensors, tokenizer.json) or an orbax
             checkpoint folder; None serves the built-in model (`runner.demo`).
-        tokenizer: a folder with a tokenizer.json, or a `runner.tokenizer.Tokenizer`
+        tokenizer: a folder with a tokenizer.json, or a `runner.formats.tokenizer.Tokenizer`
             (default: the model folder's).
         model_config, params: serve an in-memory tree instead of a folder (see `from_params`).
         **engine_args: the `runner.engine_args.EngineArgs` fields: load_format (auto |
@@ -59,7 +60,7 @@ class LLM:
             kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
             enable_prefix_caching, enable_chunked_prefill, kv_cache_dtype, attention_backend
             (reference | pallas; default pallas on GPU), tensor_parallel_size (devices each
-            weight and the KV cache are split over, see `runner.sharding`),
+            weight and the KV cache are split over, see `runner.device.sharding`),
             data_parallel_size, enable_sleep_mode.
     """
 
@@ -75,7 +76,7 @@ class LLM:
         self._why_no_tokenizer = ("skip_tokenizer_init=True" if args.skip_tokenizer_init
                                   else "the model folder has no tokenizer.json" if config.model_config.model
                                   else "an LLM built from a parameter tree has one only when given "
-                                       "tokenizer=<folder or runner.tokenizer.Tokenizer>")
+                                       "tokenizer=<folder or runner.formats.tokenizer.Tokenizer>")
         self._default_params = _default_sampling_params(args.generation_config, config.model_config)
         self._max_logprobs = args.max_logprobs
         compilation.warn_if_near_map_limit()
@@ -126,7 +127,7 @@ class LLM:
     def reload_weights(self, weights_path: str | None = None, weights_iterator: Any = None,
                        params: Params | None = None, is_checkpoint_format: bool = True,
                        assume_same_model: bool = False) -> None:
-        """Swap in new weights (see `runner.lifecycle.reload_weights`); cached prefixes,
+        """Swap in new weights (see `runner.device.lifecycle.reload_weights`); cached prefixes,
         computed with the old weights, are dropped."""
         self.engine.reload_weights(weights_path=weights_path, weights_iterator=weights_iterator,
                                    params=params, is_checkpoint_format=is_checkpoint_format,
@@ -145,7 +146,7 @@ class LLM:
 
     @_exclusive
     def warmup(self) -> WarmupReport:
-        """Compile every program the serving loop can need (see `runner.warmup`); after it,
+        """Compile every program the serving loop can need (see `runner.device.warmup`); after it,
         generating with any prompt lengths and batch sizes compiles nothing."""
         return warmup(self.engine.runner)
 
@@ -163,7 +164,7 @@ class LLM:
         `model_runner` holds the record, its `scheduler` the requests). `timeout` is
         accepted for vLLM's signature; calls here are synchronous.
 
-        A single process is one worker. Under `runner.distributed` every process is one:
+        A single process is one worker. Under `runner.device.distributed` every process is one:
         each process makes this same call (SPMD), runs the method itself, and gets every
         process's result, in process order. A failure in any process raises in all of them.
         """
@@ -298,6 +299,6 @@ def _resolve_tokenizer(tokenizer: str | Tokenizer | None, model_config: ModelCon
     if tokenizer is None:
         return None if model_config.model is None else Tokenizer.from_folder(model_config.model)
     if not isinstance(tokenizer, Tokenizer):
-        raise ValueError(f"tokenizer: expected a folder path, a runner.tokenizer.Tokenizer or None, "
+        raise ValueError(f"tokenizer: expected a folder path, a runner.formats.tokenizer.Tokenizer or None, "
                          f"got {type(tokenizer).__name__}")
     return tokenizer

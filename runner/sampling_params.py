@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from models.sampler import MAX_LOGPROBS
+
 # The most log-probabilities one position may ask for (vLLM's default max_logprobs).
-MAX_LOGPROBS = 20
 # The sampler holds settings as float32 and top_k as int32: larger values would become inf
 # (then NaN logits) or overflow when the batch is built, mid-generation.
 FLOAT32_MAX = 3.4028234663852886e38

@@ -1,5 +1,6 @@
-"""Immutable records and host-side bookkeeping: config, parameter specs, KV cache layout,
-block pool and request state. Nothing here is jitted."""
+"""Records, the bottom layer: the frozen config with its effects, the parameter tree's
+specs, a step's device input, and the host records of a request and of a scheduled step.
+No behaviour beyond validation, nothing jitted, no device arrays."""
 
 from state.config import (
     CacheConfig,

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from state.kv_cache import KV_LAYOUTS
-
 
 class Effect(str, enum.Enum):
     """What a running runner must do when a config field changes."""
@@ -169,6 +167,8 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
+# The attention backends; each owns its cache layout (`models.kv_cache.KV_LAYOUTS`).
+ATTENTION_BACKENDS = ("reference", "pallas")
 
 
 @dataclass(frozen=True)
@@ -705,9 +705,9 @@ class CacheConfig:
                  f"unknown {self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
         _require(isinstance(self.enable_prefix_caching, bool), "CacheConfig", "enable_prefix_caching",
                  f"expected a bool, got {self.enable_prefix_caching!r}")
-        _require(isinstance(self.attention_backend, str) and self.attention_backend in KV_LAYOUTS,
+        _require(isinstance(self.attention_backend, str) and self.attention_backend in ATTENTION_BACKENDS,
                  "CacheConfig", "attention_backend",
-                 f"unknown {self.attention_backend!r}; valid: {', '.join(KV_LAYOUTS)}")
+                 f"unknown {self.attention_backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
         _require(isinstance(self.enable_sleep_mode, bool), "CacheConfig", "enable_sleep_mode",
                  f"expected a bool, got {self.enable_sleep_mode!r}")
         _require(not (self.attention_backend == "pallas" and self.is_fp8), "CacheConfig",

@@ -38,7 +38,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    detokenizer: Any = None  # runner.detokenizer.IncrementalDetokenizer, when there is a tokenizer
+    detokenizer: Any = None  # runner.engine.detokenizer.IncrementalDetokenizer, when there is a tokenizer
     arrival_time: float = 0.0  # time.time() when the request was made
     first_token_time: float | None = None
     finished_time: float | None = None

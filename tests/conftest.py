@@ -13,7 +13,7 @@ import gc  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from runner.compilation import map_limit, mapped_regions  # noqa: E402
+from runner.device.compilation import map_limit, mapped_regions  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 

@@ -33,8 +33,8 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from models.flax_llama import CausalLM, next_token_loss
-from runner.bridge import params_from_flax, save_pretrained
-from runner.tokenizer import Tokenizer as RunnerTokenizer
+from runner.formats.bridge import params_from_flax, save_pretrained
+from runner.formats.tokenizer import Tokenizer as RunnerTokenizer
 from state.config import ModelConfig
 
 HERE = Path(__file__).parent.parent / "models" / "builtin"

@@ -18,10 +18,10 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from runner import LLM, SamplingParams
-from runner.bridge import save_pretrained
-from runner.loader import params_from_checkpoint
-from runner.param_tree import CheckpointError
-from runner.safetensors_io import iter_safetensors
+from runner.formats.bridge import save_pretrained
+from runner.device.loader import params_from_checkpoint
+from runner.formats.param_tree import CheckpointError
+from runner.formats.safetensors_io import iter_safetensors
 from state.config import ModelConfig
 from tests.hf_models import FAMILY_VARIANTS
 from tests.runner.test_tensor_parallel import assert_same_outputs, run_worker
@@ -315,7 +315,7 @@ def test_flax_training_model_exports_to_transformers_with_its_logits(name, hf_ch
     from flax import nnx
 
     from models.flax_llama import CausalLM
-    from runner.bridge import params_from_flax
+    from runner.formats.bridge import params_from_flax
 
     cfg = ModelConfig.from_pretrained(hf_checkpoint(name)[0])
     model = CausalLM(cfg, nnx.Rngs(0))

@@ -12,7 +12,7 @@ import pytest
 
 from models import attention, flash_attention, pallas_attention
 from state.batch import Batch, bucket
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 S, P, Dh = 4, 41, 16
 ONE = jnp.float32(1.0)
@@ -176,7 +176,7 @@ def test_kernel_sizes_on_gpu():
 
 def tiny_model():
     """A small random Qwen3 (config, params) for end-to-end backend comparisons."""
-    from runner.loader import dummy_params
+    from runner.device.loader import dummy_params
     from state.config import ModelConfig
     cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=101, hidden_size=48,
                       intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,

@@ -9,8 +9,8 @@ import transformers
 
 from models.llama import compute_logits
 from runner import LLM, SamplingParams
-from runner.model_runner import forward_step
-from runner.prepare import prepare_batch
+from runner.device.model_runner import forward_step
+from runner.device.prepare import prepare_batch
 from state.request import Request
 from tests.hf_models import VARIANTS
 
@@ -31,7 +31,7 @@ def _our_logits(llm: LLM, tokens: list[int], start: int) -> np.ndarray:
     batch, _ = prepare_batch(out, llm.config.cache_config.block_size,
                              llm.config.scheduler_config.max_num_seqs)
     state = llm.runner.state
-    hidden, kv = forward_step(state.params, state.kv_cache, batch, state.config.model_config.for_compile(),
+    hidden, kv = forward_step(state.params, models.kv_cache, batch, state.config.model_config.for_compile(),
                              state.config.cache_config.attention_backend)
     llm.runner._state = type(state)(**{**state.__dict__, "kv_cache": kv})
     for s in out.scheduled:

@@ -9,7 +9,7 @@ import pytest
 
 from models import attention, pallas_attention
 from state.batch import Batch
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 S, P, Dh = 4, 23, 16
 

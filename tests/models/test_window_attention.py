@@ -16,7 +16,7 @@ import pytest
 from models import attention, window_attention
 from models.attention_spec import AttentionSpec
 from state.batch import Batch
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 B, NB, S, K, G, DH = 3, 4, 4, 2, 2, 8
 STEPS = 5
@@ -82,9 +82,9 @@ def test_budget_keeps_large_windows_on_the_per_step_reader(monkeypatch):
 def test_decode_window_reads_the_copy_only_within_budget(monkeypatch):
     """`decode_window` opens the copy on the reference backend within the budget and for
     windows longer than one step, and both readers give the same window."""
-    from runner.bench import Workload
-    from runner.decode_loop import DecodeState, RowSettings, decode_window
-    from runner.loader import dummy_params
+    from benchmarks.bench import Workload
+    from models.decode_loop import DecodeState, RowSettings, decode_window
+    from runner.device.loader import dummy_params
 
     cfg = Workload(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8).model_config()

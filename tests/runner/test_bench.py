@@ -127,7 +127,7 @@ def test_vllm_peer_runs_each_batch_size_in_one_engine(fake_vllm, tmp_path):
 
 
 def test_a_peer_that_fails_to_start_names_its_error(fake_vllm, monkeypatch):
-    from runner.bench import VllmPeer, Workload
+    from benchmarks.bench import VllmPeer, Workload
 
     monkeypatch.setenv("FAKE_VLLM_FAIL", "1")
     monkeypatch.setenv("FAKE_STEP_S", "0")

@@ -13,9 +13,9 @@ from flax import nnx
 
 from models.flax_llama import CausalLM, next_token_loss
 from runner import LLM, SamplingParams
-from runner.bridge import FLAX_NAME_MAP, cast_params, params_from_flax, params_from_named, save_pretrained
-from runner.orbax_io import save_params
-from runner.param_tree import CheckpointError
+from runner.formats.bridge import FLAX_NAME_MAP, cast_params, params_from_flax, params_from_named, save_pretrained
+from runner.formats.orbax_io import save_params
+from runner.formats.param_tree import CheckpointError
 from state import ModelConfig
 
 CFG = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=67, hidden_size=40, intermediate_size=72,

@@ -1,4 +1,4 @@
-"""`runner.chat`: conversation normalisation and template rendering, on hand-checked values; the
+"""`runner.formats.chat`: conversation normalisation and template rendering, on hand-checked values; the
 real chat templates of common models against transformers; hostile templates against the limits."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 from transformers import PreTrainedTokenizerFast
 
-from runner import chat
+from runner.formats import chat
 
 TEMPLATE = ("{% for m in messages %}\n  <{{ m.role }}>{{ m.content }}\n{% endfor %}\n"
             "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -8,10 +8,10 @@ import typing
 
 import pytest
 
-from runner import lifecycle
+from runner.device import lifecycle
 from state.config import (SECTIONS, CacheConfig, Effect, ModelConfig, MoeConfig, RunnerConfig,
                           SchedulerConfig, describe_effects)
-from state.runner_state import RunnerState
+from runner.device.runner_state import RunnerState
 
 BASE = RunnerConfig(
     model_config=ModelConfig(

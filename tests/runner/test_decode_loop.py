@@ -17,13 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner import LLM, SamplingParams
-from runner import engine as engine_module
-from runner.compilation import CompileCounter
-from runner.decode_loop import DecodeState, RowSettings, decode_window
-from runner.model_runner import SequenceResult
-from runner.prepare import prepare_rows, prepare_state, window_block_tables
-from runner.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from runner.tokenizer import Tokenizer
+from runner.engine import engine as engine_module
+from runner.device.compilation import CompileCounter
+from models.decode_loop import DecodeState, RowSettings, decode_window
+from runner.device.model_runner import SequenceResult
+from runner.device.prepare import prepare_rows, prepare_state, window_block_tables
+from runner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from runner.formats.tokenizer import Tokenizer
 from state.config import CacheConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from state.request import Request
 

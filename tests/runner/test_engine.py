@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from runner import LLM, SamplingParams
-from runner.tokenizer import Tokenizer
+from runner.formats.tokenizer import Tokenizer
 
 BLOCK = 16
 NUM_BLOCKS = 6  # a request here takes at most 3 blocks: two fit at once, four do not

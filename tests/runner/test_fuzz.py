@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from runner import LLM, SamplingParams
-from runner.safetensors_io import iter_safetensors
-from runner.param_tree import CheckpointError
-from runner.tokenizer import Tokenizer
+from runner.formats.safetensors_io import iter_safetensors
+from runner.formats.param_tree import CheckpointError
+from runner.formats.tokenizer import Tokenizer
 from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig,
                           SchedulerConfig, update_config)
 

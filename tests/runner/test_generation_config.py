@@ -1,4 +1,4 @@
-"""`runner.generation_config`: a folder's generation_config.json as default SamplingParams."""
+"""`runner.formats.generation_config`: a folder's generation_config.json as default SamplingParams."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from runner.generation_config import default_sampling_params, diff_sampling_params
+from runner.formats.generation_config import default_sampling_params, diff_sampling_params
 from runner.sampling_params import SamplingParams
 
 

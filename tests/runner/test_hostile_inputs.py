@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import runner.safetensors_io as safetensors_io
-from runner.param_tree import CheckpointError
-from runner.safetensors_io import iter_safetensors, safetensors_files
+import runner.formats.safetensors_io as safetensors_io
+from runner.formats.param_tree import CheckpointError
+from runner.formats.safetensors_io import iter_safetensors, safetensors_files
 from state.config import ModelConfig
 
 HF_CONFIG = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 97, "hidden_size": 40,
@@ -261,7 +261,7 @@ class PeerProcess:
 def two_processes(monkeypatch):
     from jax.experimental import multihost_utils
 
-    import runner.distributed as distributed
+    import runner.device.distributed as distributed
 
     def connect(sent: bytes | None = None) -> None:
         monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
@@ -278,7 +278,7 @@ def _runner_config():
 
 
 def test_values_come_back_from_every_process_as_they_were_sent(two_processes):
-    from runner.distributed import allgather_objects
+    from runner.device.distributed import allgather_objects
 
     two_processes()
     for value in [17, None, (None, "RuntimeError('x')"), _runner_config(), {"a": [1, (2.5, True)], 3: {}}, ""]:
@@ -297,7 +297,7 @@ class Sideeffect:
 def test_a_pickle_from_a_peer_is_refused_and_never_run(two_processes):
     import pickle
 
-    from runner.distributed import allgather_objects
+    from runner.device.distributed import allgather_objects
 
     two_processes(pickle.dumps(Sideeffect()))
     with pytest.raises(ValueError, match=r"allgather_objects: process 1 sent bytes that are not JSON"):
@@ -314,7 +314,7 @@ def test_a_pickle_from_a_peer_is_refused_and_never_run(two_processes):
      r"allgather_objects: process 1 cannot send its value: allgather_objects: cannot send a Thing"),
 ])
 def test_what_a_peer_sends_is_parsed_as_data_only(two_processes, sent, message):
-    from runner.distributed import allgather_objects
+    from runner.device.distributed import allgather_objects
 
     two_processes(sent)
     with pytest.raises(ValueError, match=message):
@@ -334,7 +334,7 @@ class Thing:
 def test_values_that_are_not_plain_data_are_refused(two_processes, value, message):
     """Refused with one process as with many; with many, the refusing process still takes
     part in the exchange (its peers see the refusal rather than wait)."""
-    from runner.distributed import allgather_objects
+    from runner.device.distributed import allgather_objects
 
     with pytest.raises(ValueError, match=message):
         allgather_objects(value)

@@ -17,12 +17,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from runner import LLM, SamplingParams
-from runner.compilation import CompileCounter
-from runner.loader import resolve_format
-from runner.model_runner import program_params
-from runner.safetensors_io import iter_safetensors
-from runner.orbax_io import restore_params, save_params
-from runner.param_tree import CheckpointError
+from runner.device.compilation import CompileCounter
+from runner.device.loader import resolve_format
+from runner.device.model_runner import program_params
+from runner.formats.safetensors_io import iter_safetensors
+from runner.formats.orbax_io import restore_params, save_params
+from runner.formats.param_tree import CheckpointError
 from state.config import RunnerConfig
 from state.params import leaf_paths, param_bytes
 from tests import hf_models
@@ -53,7 +53,7 @@ def live_bytes() -> int:
 
 
 def kv_bytes(llm: LLM) -> int:
-    return param_bytes(llm.runner.state.kv_cache)
+    return param_bytes(llm.runner.models.kv_cache)
 
 
 # -- checkpoints ---------------------------------------------------------------------------

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from runner import LLM, SamplingParams, lifecycle
-from runner.param_tree import CheckpointError
-from runner.tokenizer import Tokenizer
+from runner import LLM, SamplingParams
+from runner.device import lifecycle
+from runner.formats.param_tree import CheckpointError
+from runner.formats.tokenizer import Tokenizer
 from state.params import leaf_paths
 
 ARGS = dict(num_kv_blocks=24, block_size=4, max_model_len=64, max_num_batched_tokens=32, max_num_seqs=4)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from runner import LLM, SamplingParams
-from runner.tokenizer import Tokenizer
+from runner.formats.tokenizer import Tokenizer
 
 ARGS = dict(num_kv_blocks=24, block_size=4, max_model_len=64, max_num_batched_tokens=16, max_num_seqs=3)
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from runner.loader import dummy_params, load_params, params_from_checkpoint
-from runner.safetensors_io import iter_safetensors
-from runner.param_tree import CheckpointError, validate_params
+from runner.device.loader import dummy_params, load_params, params_from_checkpoint
+from runner.formats.safetensors_io import iter_safetensors
+from runner.formats.param_tree import CheckpointError, validate_params
 from state.config import LoadConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from state.params import abstract_params, leaf_paths
 from tests import hf_models

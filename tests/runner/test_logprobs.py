@@ -1,4 +1,4 @@
-"""`runner.logprobs.position_logprobs` on hand-computed values."""
+"""`runner.engine.logprobs.position_logprobs` on hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from runner.logprobs import Logprob, position_logprobs
+from runner.engine.logprobs import Logprob, position_logprobs
 
 # A distribution over 5 tokens: probabilities 0.5, 0.25, 0.125, 0.0625, 0.0625 for ids 4, 1, 3, 0, 2.
 LP = {i: math.log(p) for i, p in {4: 0.5, 1: 0.25, 3: 0.125, 0: 0.0625, 2: 0.0625}.items()}

@@ -26,10 +26,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import runner.llm as llm_module
-from runner import LLM, SamplingParams, engine
-from runner.orbax_io import save_params
-from runner.param_tree import CheckpointError
-from runner.tokenizer import Tokenizer
+from runner import LLM, SamplingParams
+from runner.engine import engine
+from runner.formats.orbax_io import save_params
+from runner.formats.param_tree import CheckpointError
+from runner.formats.tokenizer import Tokenizer
 from state.params import leaf_paths
 
 BLOCK, NUM_BLOCKS, MAX_LEN, BUDGET, VOCAB = 16, 6, 64, 8, 97
@@ -858,7 +859,7 @@ def test_faults_in_a_row_then_a_full_batch(llm, snap, monkeypatch):
 def test_interrupt_inside_a_step_after_the_cache_was_donated(hf_checkpoint, monkeypatch):
     """A KeyboardInterrupt raised once the step has taken the donated cache leaves the
     runner with a fresh cache: the next call serves the same tokens."""
-    import runner.model_runner as model_runner
+    import runner.device.model_runner as model_runner
     from runner import LLM, SamplingParams
 
     folder, _ = hf_checkpoint("qwen3_tied")

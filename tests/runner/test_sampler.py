@@ -21,12 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from runner.decode_loop import step_metadata
-from runner.prepare import prepare_rows, prepare_state
-from runner.sampler import (SamplerFlags, SamplingMetadata, _top_k_top_p_mask, apply_penalties,
+from models.decode_loop import step_metadata
+from runner.device.prepare import prepare_rows, prepare_state
+from models.sampler import (SamplerFlags, SamplingMetadata, _top_k_top_p_mask, apply_penalties,
                             first_argmax, sample, sample_switched)
 from runner.sampling_params import MAX_LOGPROBS, SamplingParams
-from runner.scheduler import ScheduledRequest, SchedulerOutput
+from runner.engine.scheduler import ScheduledRequest, SchedulerOutput
 from state.request import Request
 
 N = 20000
@@ -320,8 +320,8 @@ def test_first_argmax_is_argmax(rows):
 def test_prompt_logprobs_step_over_several_row_chunks_matches_float64():
     """A 1024-token step computes its prompt logprobs 512 logit rows at a time: every
     chunk's rows must come back in place and equal the definition (float64 numpy)."""
-    from runner.loader import dummy_params
-    from runner.model_runner import PROMPT_LOGPROBS_ROWS, prompt_logprobs_step
+    from runner.device.loader import dummy_params
+    from runner.device.model_runner import PROMPT_LOGPROBS_ROWS, prompt_logprobs_step
     from state.config import ModelConfig
 
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=16, intermediate_size=32,

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from runner.engine import update
-from runner.model_runner import SequenceResult
+from runner.engine.engine import update
+from runner.device.model_runner import SequenceResult
 from runner.sampling_params import SamplingParams
-from runner.scheduler import Scheduler, SchedulerOutput
+from runner.engine.scheduler import Scheduler, SchedulerOutput
 from state.config import CacheConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from state.request import Request, RequestStatus
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from runner import LLM, SamplingParams
-from runner.tokenizer import Tokenizer
+from runner.formats.tokenizer import Tokenizer
 
 NUM_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "500"))
 BATCH = 50  # requests per generate call; a lifecycle action runs between calls

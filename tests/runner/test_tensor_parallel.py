@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from runner import sharding
+from runner.device import sharding
 from state.config import CacheConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""`runner.tokenizer.Tokenizer` against `transformers.AutoTokenizer` on the same folders:
+"""`runner.formats.tokenizer.Tokenizer` against `transformers.AutoTokenizer` on the same folders:
 encodings with and without special tokens, special-token attributes, decoding, chat templates."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaTokenizerFast, Qwen2TokenizerFast
 
 from runner import demo
-from runner.tokenizer import Tokenizer
+from runner.formats.tokenizer import Tokenizer
 
 TRAINING_TEXTS = ["Hello world, this is a test of the tokenizer.", "def foo(x):\n    return x * 2\n",
                   "naïve café 日本語 123 456", "The quick brown fox jumps over the lazy dog."] * 5

@@ -19,13 +19,13 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaTokenizerFast
 
 from runner import LLM, CompletionOutput, RequestOutput, SamplingParams, demo
-from runner.compilation import CompileCounter
-from runner.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from runner.device.compilation import CompileCounter
+from runner.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from runner.inputs import TextPrompt, TokensPrompt
-from runner.logprobs import Logprob
-from runner.tokenizer import Tokenizer
-from runner.warmup import WarmupReport
-from state.kv_cache import HOST_KV_BUDGET_BYTES, bytes_per_block
+from runner.engine.logprobs import Logprob
+from runner.formats.tokenizer import Tokenizer
+from runner.device.warmup import WarmupReport
+from models.kv_cache import HOST_KV_BUDGET_BYTES, bytes_per_block
 from tests import hf_models
 
 BUILTIN = demo.builtin_folder()
@@ -496,7 +496,7 @@ def test_text_prompt_without_a_tokenizer_says_how_to_give_one(tiny):
 
 
 def test_logprobs_minus_one_is_the_whole_vocabulary():
-    from runner.loader import dummy_params
+    from runner.device.loader import dummy_params
     from state.config import ModelConfig
     cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=16, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,

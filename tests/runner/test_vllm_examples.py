@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from runner import LLM, SamplingParams
 from runner import demo
-from runner.outputs import CompletionOutput, RequestOutput
+from runner.engine.outputs import CompletionOutput, RequestOutput
 
 MODEL = demo.builtin_folder()
 PROMPTS = [

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runner import LLM, SamplingParams, compilation
-from runner.compilation import CompileCounter
+from runner import LLM, SamplingParams
+from runner.device import compilation
+from runner.device.compilation import CompileCounter
 
 
 def test_varied_workload_compiles_nothing_after_warmup(hf_checkpoint):
@@ -56,7 +57,7 @@ def test_one_sequence_runner_compiles_nothing_after_warmup(hf_checkpoint):
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from runner.compilation import CompileCounter, enable_persistent_cache, persistent_cache_hits
+    from runner.device.compilation import CompileCounter, enable_persistent_cache, persistent_cache_hits
     enable_persistent_cache(sys.argv[1])
     from runner import LLM, SamplingParams
     with CompileCounter() as c:

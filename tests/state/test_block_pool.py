@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from state.block_pool import BlockPool, NoFreeBlocksError, hash_block
+from runner.engine.block_pool import BlockPool, NoFreeBlocksError, hash_block
 
 NUM_BLOCKS = 12
 BLOCK_SIZE = 2
@@ -393,7 +393,7 @@ def test_a_fault_at_any_internal_call_leaves_the_pool_as_it_was(ops, caching):
         return real_hash(parent, token_ids)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("state.block_pool.hash_block", ticking_hash)
+        mp.setattr("runner.engine.block_pool.hash_block", ticking_hash)
         _run_with_faults(BlockPool(8, BLOCK_SIZE, caching), clock, ops)
 
 

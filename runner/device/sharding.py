@@ -1,7 +1,7 @@
 """Tensor parallelism: one rules table from logical axis names to mesh axes.
 
 Every parameter leaf names its axes (`state.params.param_specs`), and so does every KV cache
-array (`state.kv_cache.KV_LAYOUTS`, per attention backend). `RULES` maps each logical axis to the mesh axis it
+array (`models.kv_cache.KV_LAYOUTS`, per attention backend). `RULES` maps each logical axis to the mesh axis it
 is split over, or to None (replicated). The model code never mentions devices: the jitted
 step receives arrays laid out by these shardings and XLA's SPMD partitioner inserts the
 collectives (an all-reduce after `wo` and `w_down`, one after the vocabulary-split
@@ -27,7 +27,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from state.config import ModelConfig, ParallelConfig, RunnerConfig
-from state.kv_cache import KVCache, kv_axes, kv_axis_sizes
+from models.kv_cache import KVCache, kv_axes, kv_axis_sizes
 from state.params import Params, param_specs
 
 DATA, MODEL = "data", "model"

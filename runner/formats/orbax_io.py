@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from runner.param_tree import CheckpointError, assemble, tree_tensors, validate_params
+from runner.formats.param_tree import CheckpointError, assemble, tree_tensors, validate_params
 from state.config import ModelConfig
 from state.params import Params, abstract_params, leaf_paths
 
@@ -77,7 +77,7 @@ def restore_params(folder: str | Path, cfg: ModelConfig, shardings: Any = None, 
     folder = Path(folder).absolute()
     if not is_orbax_folder(folder):
         raise CheckpointError(f"{str(folder)!r} holds no orbax checkpoint (no _CHECKPOINT_METADATA); "
-                              "write one with runner.orbax_io.save_params")
+                              "write one with runner.formats.orbax_io.save_params")
     abstract = abstract_params(cfg)
     with ocp.StandardCheckpointer() as checkpointer:
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.sampling_params import SamplingParams
-from runner.tokenizer import read_json
+from runner.formats.tokenizer import read_json
 
 # The generation settings vLLM takes from the file; the others (do_sample, num_beams, ...) it
 # ignores, and so does this module.

@@ -1,6 +1,6 @@
 """The one record a runner holds: configuration, weights, KV cache, sleep state.
 
-Every lifecycle operation (`runner.lifecycle`) maps a record to a new record; the shell
+Every lifecycle operation (`runner.device.lifecycle`) maps a record to a new record; the shell
 object swaps its reference only once the new record is complete, so a failed operation
 leaves the old record, and everything derived from it, untouched.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from state.config import RunnerConfig
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 from state.params import Params
 
 

@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runner.bridge import save_pretrained
-from runner.compilation import CompileCounter
+from runner.formats.bridge import save_pretrained
+from runner.device.compilation import CompileCounter
 from runner.llm import LLM
-from runner.loader import dummy_params
+from runner.device.loader import dummy_params
 from runner.sampling_params import SamplingParams
 from state.batch import cdiv
 from state.config import ModelConfig

@@ -4,7 +4,7 @@ The jitted functions below are the whole device program. They take every array a
 argument (weights are never closed over, so a weight swap cannot recompile) and the KV
 cache is donated (updated in place). Two programs serve a step: the general step (forward
 of prefills and chunks, then sampling of the rows that finish their known tokens) and the
-decode window (`runner.decode_loop`: up to K decode steps with sampling inside). Sampling
+decode window (`models.decode_loop`: up to K decode steps with sampling inside). Sampling
 sits in the same program as the forward: the sampler's stages are switched on the device
 (`sample_switched`), so its switches add no compilations, and no hidden state or logits
 cross a program boundary. On W1 at batch 1 a separate sampler program cost ~4 ms a step.
@@ -25,16 +25,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from models.llama import compute_logits, forward
-from runner import lifecycle, sharding
-from runner.decode_loop import DecodeState, RowSettings, WindowOutput, decode_window, step_metadata
-from runner.prepare import BucketSizes, prepare_batch, prepare_rows, prepare_state, window_block_tables
-from runner.sampler import SamplerOutput, prompt_logprobs, sample_switched
-from runner.scheduler import ScheduledRequest, SchedulerOutput
+from runner.device import lifecycle, sharding
+from models.decode_loop import DecodeState, RowSettings, WindowOutput, decode_window, step_metadata
+from runner.device.prepare import BucketSizes, prepare_batch, prepare_rows, prepare_state, window_block_tables
+from models.sampler import SamplerOutput, prompt_logprobs, sample_switched
+from runner.engine.scheduler import ScheduledRequest, SchedulerOutput
 from state.batch import Batch, bucket
 from state.config import ModelConfig, RunnerConfig
-from state.kv_cache import KVCache, allocate_kv_cache, blocks_per_seq
+from models.kv_cache import KVCache, allocate_kv_cache, blocks_per_seq
 from state.params import Params
-from state.runner_state import RunnerState
+from runner.device.runner_state import RunnerState
 
 
 def _keep_shardings(kv_cache: tuple[KVCache, ...], kv_shardings: Any) -> tuple[KVCache, ...]:
@@ -204,7 +204,7 @@ class ModelRunner:
     """The shell around one `RunnerState`: lifecycle operations swap it, steps read it."""
 
     def __init__(self, config: RunnerConfig, params: Params | None = None) -> None:
-        """Create the runner's first record (`runner.lifecycle.create`)."""
+        """Create the runner's first record (`runner.device.lifecycle.create`)."""
         self._state = lifecycle.create(config, params)
         # (the record's params, `program_params` of them): derived once per weight tree
         self._program_params: tuple[Params, Params] | None = None
@@ -279,12 +279,12 @@ class ModelRunner:
         state = self._state
         state.check_servable()
         try:
-            *results, kv_cache = program(self._weights(), state.kv_cache, *args)
+            *results, kv_cache = program(self._weights(), models.kv_cache, *args)
         except BaseException:
             # Interrupted after the cache was donated: the record would point at deleted
             # buffers. Start over from an empty cache (its contents are lost either way;
             # the engine drops its prefix cache when a call fails).
-            if any(leaf.is_deleted() for leaf in jax.tree.leaves(state.kv_cache)):
+            if any(leaf.is_deleted() for leaf in jax.tree.leaves(models.kv_cache)):
                 # The same allocation as creation and wake_up.
                 self._state = replace(state, kv_cache=allocate_kv_cache(
                     state.config, state.num_blocks, state.kv_shardings))

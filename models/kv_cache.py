@@ -2,7 +2,7 @@
 
 This module owns the cache layout of every attention backend (`KV_LAYOUTS`): the logical
 axes of one layer's K (or V) array, from which its shape (`kv_cache_specs`) and its
-sharding (`runner.sharding.kv_cache_shardings`) are both derived. The reference backend
+sharding (`runner.device.sharding.kv_cache_shardings`) are both derived. The reference backend
 stores `[P, S, K, Dh]` (blocks, slots per block, KV heads, head dim); the Pallas GPU
 backend keeps JAX's paged-attention kernel layout `[K, P, S, Dh]` (`models.pallas_attention`).
 
@@ -21,7 +21,9 @@ import jax.numpy as jnp
 
 from state.batch import cdiv
 
-if TYPE_CHECKING:  # state.config reads the backend names from this module
+from state.config import ATTENTION_BACKENDS
+
+if TYPE_CHECKING:
     from state.config import RunnerConfig
 
 # The KV budget on hosts that report no device memory (CPU): `gpu_memory_utilization` is a
@@ -33,6 +35,7 @@ KV_LAYOUTS: dict[str, tuple[str, ...]] = {
     "reference": ("kv_blocks", "block_slots", "kv_heads", "head_dim"),
     "pallas": ("kv_heads", "kv_blocks", "block_slots", "head_dim"),
 }
+assert tuple(KV_LAYOUTS) == ATTENTION_BACKENDS, "every attention backend owns one cache layout"
 
 
 @jax.tree_util.register_dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from runner.tokenizer import Tokenizer
+from runner.formats.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 

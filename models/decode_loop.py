@@ -27,10 +27,10 @@ import jax.numpy as jnp
 
 from models import window_attention
 from models.llama import compute_logits, forward
-from runner.sampler import SamplerOutput, SamplingMetadata, sample_switched, top_width
+from models.sampler import SamplerOutput, SamplingMetadata, sample_switched, top_width
 from state.batch import Batch
 from state.config import ModelConfig
-from state.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 
 @jax.tree_util.register_dataclass

@@ -1,8 +1,8 @@
 """The one parameter-tree builder: named arrays in, a checked, placed `Params` tree out.
 
 Every weight source ends here: safetensors files and checkpoint-name iterators (through
-`runner.loader`), leaf-path iterators and whole trees (`runner.lifecycle`), Flax models
-(`runner.bridge`) and orbax checkpoints (`runner.orbax_io`). The rules live in this
+`runner.device.loader`), leaf-path iterators and whole trees (`runner.device.lifecycle`), Flax models
+(`runner.formats.bridge`) and orbax checkpoints (`runner.formats.orbax_io`). The rules live in this
 module only:
 
     names     every leaf at most once; a leaf the model does not have is refused

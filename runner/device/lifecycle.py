@@ -26,14 +26,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from runner import distributed, sharding
-from runner.loader import load_params, params_from_checkpoint
-from runner.param_tree import CheckpointError, assemble, leaf_tensors, tree_tensors
+from runner.device import distributed, sharding
+from runner.device.loader import load_params, params_from_checkpoint
+from runner.formats.param_tree import CheckpointError, assemble, leaf_tensors, tree_tensors
 from state.config import Effect, ModelConfig, RunnerConfig, changed_fields
 from state.config import update_config as merge_config
-from state.kv_cache import allocate_kv_cache, bytes_per_block, kv_cache_specs, resolve_num_blocks
+from models.kv_cache import allocate_kv_cache, bytes_per_block, kv_cache_specs, resolve_num_blocks
 from state.params import Params, abstract_params
-from state.runner_state import RunnerState
+from runner.device.runner_state import RunnerState
 
 SLEEP_TAGS = ("weights", "kv_cache")
 # What a running runner cannot apply, by the field's effect, and why.

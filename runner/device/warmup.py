@@ -8,7 +8,7 @@ The shapes a step can have are known from the config alone (see `state.batch`):
                    switched on the device, so sampler settings add no programs
     decode window  B in buckets(max_num_seqs), Nb in buckets(blocks per sequence); one
                    program for one-step windows and one for every longer window up to
-                   `max_decode_steps` (`runner.model_runner.window_program`)
+                   `max_decode_steps` (`runner.device.model_runner.window_program`)
     prompt logprobs  T in the general step's buckets
 
 Each is run once on an all-padding input that writes nothing to the cache. Requests with
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runner.compilation import CompileCounter
-from runner.prepare import prepare_rows, prepare_state, sampled_rows
-from runner.scheduler import SchedulerOutput
+from runner.device.compilation import CompileCounter
+from runner.device.prepare import prepare_rows, prepare_state, sampled_rows
+from runner.engine.scheduler import SchedulerOutput
 from state.batch import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, Batch, bucket, buckets_up_to, cdiv
 from state.config import RunnerConfig
-from state.kv_cache import blocks_per_seq
+from models.kv_cache import blocks_per_seq
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runner.decode_loop import DecodeState, RowSettings
-from runner.sampler import SamplingMetadata
-from runner.scheduler import SchedulerOutput
+from models.decode_loop import DecodeState, RowSettings
+from models.sampler import SamplingMetadata
+from runner.engine.scheduler import SchedulerOutput
 from state.batch import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, Batch, bucket, cdiv
 
 # Narrowest logit_bias and stop-token tables: narrower ones pad to this, so common requests

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runner.logprobs import Logprob
+from runner.engine.logprobs import Logprob
 from state.request import Request
 
 

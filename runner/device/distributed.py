@@ -6,7 +6,8 @@ recipe is: call `initialize` first thing in every process, then build the same `
 make the same calls in every process:
 
     import jax
-    from runner import LLM, SamplingParams, distributed
+    from runner import LLM, SamplingParams
+    from runner.device import distributed
 
     distributed.initialize("10.0.0.1:4321", num_processes=2, process_id=RANK)
     llm = LLM("path/to/model", tensor_parallel_size=jax.device_count())

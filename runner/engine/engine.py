@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 
-from runner.detokenizer import IncrementalDetokenizer, find_stop
-from runner.logprobs import position_logprobs
-from runner.model_runner import ModelRunner, SequenceResult
+from runner.engine.detokenizer import IncrementalDetokenizer, find_stop
+from runner.engine.logprobs import position_logprobs
+from runner.device.model_runner import ModelRunner, SequenceResult
 from runner.sampling_params import SamplingParams
-from runner.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from runner.tokenizer import Tokenizer
+from runner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from runner.formats.tokenizer import Tokenizer
 from state.config import Effect, RunnerConfig, changed_fields
 from state.config import update_config as merge_config
 from state.request import Request

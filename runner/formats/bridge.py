@@ -22,8 +22,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from models.checkpoint import export_tensors
-from runner.param_tree import CheckpointError, Tensor, assemble, validate_params
-from runner.tokenizer import Tokenizer
+from runner.formats.param_tree import CheckpointError, Tensor, assemble, validate_params
+from runner.formats.tokenizer import Tokenizer
 from state.config import ModelConfig
 from state.params import Params, leaf_paths, path_str
 

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.checkpoint import Piece, leaf_for, skipped_shape
-from runner import orbax_io
-from runner.param_tree import CheckpointError, Tensor, as_array, assemble
-from runner.safetensors_io import INDEX_FILE, iter_safetensors, refuse_pickle
+from runner.formats import orbax_io
+from runner.formats.param_tree import CheckpointError, Tensor, as_array, assemble
+from runner.formats.safetensors_io import INDEX_FILE, iter_safetensors, refuse_pickle
 from state.config import ModelConfig, RunnerConfig
 from state.params import Params, abstract_params, leaf_paths, param_specs
 

@@ -22,35 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from state.batch import cdiv
-from state.block_pool import BlockPool
+from runner.engine.block_pool import BlockPool
 from state.config import RunnerConfig
 from state.request import Request, RequestStatus
-
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    request: Request
-    start: int  # first position computed this step
-    num_tokens: int  # positions start .. start + num_tokens - 1
-    # Whether this step completes the request's known tokens, so its logits matter. Fixed
-    # when the step is scheduled: once `update` appends the sampled token, comparing with
-    # the request's length would say False for every step that sampled.
-    samples: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", self.end == self.request.num_tokens)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-    @property
-    def in_decode_program(self) -> bool:
-        """Whether the chunk runs in the decode program, which a step runs after its
-        general batch (`ModelRunner.execute_model`): one token, and no prompt positions
-        whose log-probabilities its request gathers (only the general batch returns them)."""
-        return self.num_tokens == 1 and not (self.request.sampling_params.prompt_logprobs is not None
-                                             and self.request.is_prefilling_prompt)
+from state.step import ScheduledRequest, SchedulerOutput
 
 
 @dataclass
@@ -60,23 +35,6 @@ class SchedulerStats:
     num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
     num_cached_prompt_tokens: int = 0  # of those, served from the prefix cache
     num_computed_tokens: int = 0  # positions run through the model (a window's: those kept)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    # Decode steps the single-token requests run in this step's device call (a window);
-    # their KV slots for all of them are reserved.
-    num_steps: int = 1
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
-    @property
-    def is_decode(self) -> bool:
-        """Every scheduled request computes one token: the step fits a decode batch."""
-        return all(s.num_tokens == 1 for s in self.scheduled)
 
 
 class Scheduler:

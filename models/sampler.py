@@ -18,7 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from runner.sampling_params import MAX_LOGPROBS
+# Entries per position the device returns: vLLM's default max_logprobs.
+MAX_LOGPROBS = 20
+
 
 
 @jax.tree_util.register_dataclass
