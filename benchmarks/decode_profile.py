@@ -27,7 +27,6 @@ from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from models import window_attention
 from models.attention import decode_attention, write_kv

@@ -18,9 +18,9 @@ from typing import Any
 
 import jax
 
+from runner.formats.hf_config import model_config_from_folder
 from runner.sampling_params import MAX_LOGPROBS
-from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RunnerConfig,
-                          SchedulerConfig)
+from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig)
 
 
 # vLLM keywords accepted with no effect here, and why.
@@ -124,7 +124,7 @@ class EngineArgs:
         """The runner's config for a model folder, or for an in-memory `model_config`."""
         if model_config is None:
             dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
-            model_config = ModelConfig.from_pretrained(model, dtype=_serving_dtype(model, dtype),
+            model_config = model_config_from_folder(model, dtype=_serving_dtype(model, dtype),
                                                        overrides=_rope_overrides(model, self.hf_overrides))
         # `is None`, not `or`: an explicit 0 must reach the validation, not mean "default".
         max_model_len = (model_config.max_position_embeddings if self.max_model_len is None
@@ -158,7 +158,7 @@ def _rope_overrides(model: str, overrides: dict[str, Any] | None) -> dict[str, A
         return overrides
     try:
         hf = json.loads((Path(model) / "config.json").read_text())
-    except (OSError, ValueError):  # ModelConfig.from_pretrained reports the file's problem
+    except (OSError, ValueError):  # model_config_from_folder reports the file's problem
         return overrides
     rope = hf.get("rope_parameters") if isinstance(hf, dict) else None
     if not isinstance(rope, dict):
@@ -180,5 +180,5 @@ def _serving_dtype(model: str, dtype: str) -> str:
     (half the bytes per decode step; what vLLM does with float32 checkpoints too)."""
     if dtype != "auto" or not _on_gpu():
         return dtype
-    hf = ModelConfig.from_pretrained(model)
+    hf = model_config_from_folder(model)
     return "bfloat16" if hf.dtype == "float32" else dtype

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
-import os
-import stat
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 
 class Effect(str, enum.Enum):
@@ -48,11 +44,11 @@ def _require(ok: bool, record: str, name: str, message: str) -> None:
         raise ValueError(f"{record}.{name}: {message}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     """A real number (not a bool) that a float holds as a finite value: NaN, infinity and
     ints too large for a float would reach the model as NaN or inf (or an OverflowError)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -66,7 +62,7 @@ def _is_finite_number(value: Any) -> bool:
 def _check_positive_int(record: str, name: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    _require(_is_int(value) and value > 0, record, name, f"expected a positive int, got {value!r}")
+    _require(is_int(value) and value > 0, record, name, f"expected a positive int, got {value!r}")
 
 
 def _check_in_vocab(name: str, token_ids: tuple[int, ...], vocab_size: int) -> None:
@@ -75,89 +71,9 @@ def _check_in_vocab(name: str, token_ids: tuple[int, ...], vocab_size: int) -> N
                  f"token id {token} is outside the vocabulary [0, {vocab_size}) (vocab_size)")
 
 
-# -- reading JSON files people hand us ------------------------------------------------------
-
-MAX_JSON_BYTES = 100_000_000  # far beyond any config.json or index: bounds what one read takes
-MAX_JSON_DEPTH = 64  # HF configs nest a few levels; deeper is not a config
-
-
-def open_regular_file(path: Path, error: type[ValueError] = ValueError) -> BinaryIO:
-    """`path` opened for binary reading, or `error` naming it unless it is a regular file.
-
-    A FIFO or a device would block `open()` or `read()` forever, a symlink loop or a folder
-    fails with an OSError. Opening never blocks (O_NONBLOCK) and the type is checked on the
-    opened descriptor, so a file swapped in after a check cannot slip through.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise error(_not_openable(path, e)) from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise error(f"{path} is {_file_kind(mode)}, not a regular file")
-    return os.fdopen(fd, "rb")
-
-
-def _not_openable(path: Path, e: OSError) -> str:
-    try:  # a socket fails to open (ENXIO): name what it is rather than the errno
-        mode = os.stat(path).st_mode
-    except OSError:
-        mode = None
-    if mode is not None and not stat.S_ISREG(mode):
-        return f"{path} is {_file_kind(mode)}, not a regular file"
-    return f"cannot open {path}: {e.strerror or e}"
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a file"
-
-
-def read_regular_file(path: Path, max_bytes: int, error: type[ValueError] = ValueError) -> bytes:
-    """The bytes of a regular file of at most `max_bytes` bytes, else `error` naming it."""
-    with open_regular_file(path, error) as f:
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as e:
-            raise error(f"cannot read {path}: {e.strerror or e}") from e
-    if len(data) > max_bytes:
-        raise error(f"{path} is larger than {max_bytes} bytes, more than a JSON file this runner reads")
-    return data
-
-
-def parse_json(data: bytes | str) -> Any:
-    """`json.loads` of UTF-8 text, raising only ValueError: for text that is not JSON, and for
-    nesting deeper than MAX_JSON_DEPTH (which would otherwise be a RecursionError here or later)."""
-    try:
-        # Decoded here: json.loads would guess UTF-16 from a byte-order mark.
-        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
-    except RecursionError:
-        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
-    stack = [(value, 1)]
-    while stack:  # iterative: the check itself must not recurse
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return value
-
-
-# Architecture -> HF `model_type`. Every family is the one llama-like core with flags:
-# q/k norm (Qwen3, Qwen3-MoE), q/k/v biases (Qwen2), experts (Qwen3-MoE, Mixtral), fused
-# checkpoint tensors (Phi-3, split at load time by models/checkpoint.py).
-MODEL_TYPES = {
-    "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-    "MistralForCausalLM": "mistral", "Qwen3MoeForCausalLM": "qwen3_moe",
-    "MixtralForCausalLM": "mixtral", "Phi3ForCausalLM": "phi3",
-    "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
-}
-SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
+                           "Qwen3MoeForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM",
+                           "Gemma3ForCausalLM")
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
 # Gemma: (1 + w) RMSNorm, embeddings times sqrt(hidden_size), GeGLU, norms after attention
 # and MLP too, soft-capping; Gemma 3 adds q/k norm and a RoPE base of its own on local layers.
@@ -183,7 +99,7 @@ class RopeScaling:
     def __post_init__(self) -> None:
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
-            _require(_is_finite_number(value) and value > 0, "RopeScaling", name,
+            _require(is_finite_number(value) and value > 0, "RopeScaling", name,
                      f"expected a positive finite number, got {value!r}")
         _require(self.high_freq_factor > self.low_freq_factor, "RopeScaling", "high_freq_factor",
                  f"must exceed low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}")
@@ -209,7 +125,7 @@ class MoeConfig:
                  f"{self.num_experts_per_tok} exceeds num_experts ({self.num_experts})")
         _require(isinstance(self.norm_topk_prob, bool), "MoeConfig", "norm_topk_prob",
                  f"expected a bool, got {self.norm_topk_prob!r}")
-        _require(isinstance(self.mlp_only_layers, tuple) and all(_is_int(i) and i >= 0 for i in self.mlp_only_layers),
+        _require(isinstance(self.mlp_only_layers, tuple) and all(is_int(i) and i >= 0 for i in self.mlp_only_layers),
                  "MoeConfig", "mlp_only_layers", f"expected a tuple of layer indices, got {self.mlp_only_layers!r}")
 
     def is_sparse(self, layer: int) -> bool:
@@ -267,10 +183,10 @@ class ModelConfig:
                  f"unsupported {self.dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
         _require(isinstance(self.tie_word_embeddings, bool), name, "tie_word_embeddings",
                  f"expected a bool, got {self.tie_word_embeddings!r}")
-        _require(isinstance(self.rms_norm_eps, float) and _is_finite_number(self.rms_norm_eps)
+        _require(isinstance(self.rms_norm_eps, float) and is_finite_number(self.rms_norm_eps)
                  and self.rms_norm_eps > 0, name, "rms_norm_eps",
                  f"expected a positive finite float, got {self.rms_norm_eps!r}")
-        _require(_is_finite_number(self.rope_theta) and self.rope_theta > 0, name, "rope_theta",
+        _require(is_finite_number(self.rope_theta) and self.rope_theta > 0, name, "rope_theta",
                  f"expected a positive finite number, got {self.rope_theta!r}")
         _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), name,
                  "rope_scaling", f"expected RopeScaling or None, got {self.rope_scaling!r}")
@@ -287,7 +203,7 @@ class ModelConfig:
         for f in ("rope_linear_factor", "rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
                   "final_logit_softcapping"):
             value = getattr(self, f)
-            _require(value is None or (_is_finite_number(value) and value > 0), name, f,
+            _require(value is None or (is_finite_number(value) and value > 0), name, f,
                      f"expected None or a positive finite number, got {value!r}")
         _require(self.moe is None or isinstance(self.moe, MoeConfig), name, "moe",
                  f"expected MoeConfig or None, got {self.moe!r}")
@@ -297,16 +213,16 @@ class ModelConfig:
         # An empty path would name the working directory: weights would be read from there.
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), name, "model",
                  f"expected a non-empty path string or None, got {self.model!r}")
-        _require(self.bos_token_id is None or (_is_int(self.bos_token_id) and self.bos_token_id >= 0),
+        _require(self.bos_token_id is None or (is_int(self.bos_token_id) and self.bos_token_id >= 0),
                  name, "bos_token_id", f"expected None or a token id (an int >= 0), got {self.bos_token_id!r}")
-        _require(isinstance(self.eos_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.eos_token_ids),
+        _require(isinstance(self.eos_token_ids, tuple) and all(is_int(t) and t >= 0 for t in self.eos_token_ids),
                  name, "eos_token_ids", f"expected a tuple of token ids (ints >= 0), got {self.eos_token_ids!r}")
         # An id the logits do not cover can never be sampled, and indexing with it overflows.
         _check_in_vocab("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,),
                         self.vocab_size)
         _check_in_vocab("eos_token_ids", self.eos_token_ids, self.vocab_size)
         # Read only by the dummy initialiser, so nothing else would catch a bad value early.
-        _require(_is_finite_number(self.initializer_range) and self.initializer_range >= 0, name,
+        _require(is_finite_number(self.initializer_range) and self.initializer_range >= 0, name,
                  "initializer_range", f"expected a finite number >= 0, got {self.initializer_range!r}")
 
     @property
@@ -338,328 +254,6 @@ class ModelConfig:
                   if f.metadata["effect"] in (Effect.NONE, Effect.RELOAD)}
         return dataclasses.replace(self, **resets)
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "auto",
-                        overrides: Mapping[str, Any] | None = None) -> ModelConfig:
-        """Read a Hugging Face `config.json` (with `overrides` merged over its top-level
-        keys, like vLLM's `hf_overrides`); refuse any feature this runner does not implement."""
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"model folder {str(path)!r} does not exist or is not a folder: "
-                                    "expected a Hugging Face model folder holding config.json")
-        config_file = Path(path) / "config.json"
-        if not os.path.lexists(config_file):
-            raise FileNotFoundError(f"no config.json in {str(path)!r}: expected a Hugging Face model folder")
-        data = read_regular_file(config_file, MAX_JSON_BYTES)
-        try:
-            hf = parse_json(data)
-        except ValueError as e:
-            raise ValueError(f"{config_file} is not valid JSON: {e}") from e
-        if not isinstance(hf, dict):
-            raise ValueError(f"{config_file} must hold a JSON object, got {type(hf).__name__}")
-        return cls.from_hf_dict({**hf, **(overrides or {})}, model=str(path), dtype=dtype)
-
-    @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any], *, model: str | None = None,
-                     dtype: str = "auto") -> ModelConfig:
-        archs = hf.get("architectures") or []
-        if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
-            remote = (" (its config.json names custom code in auto_map, which this runner never runs, "
-                      "trust_remote_code or not)" if "auto_map" in hf else "")
-            raise ValueError(f"unsupported architectures {archs!r}{remote}; supported: "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        _reject_unimplemented(hf, archs[0])
-        try:
-            hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-            rope, local_theta = _rope_sections(hf, archs[0])
-            if dtype == "auto":
-                dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-            eos = hf.get("eos_token_id")
-            eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-            # Derived only from valid sizes; otherwise the record's validation names the bad one.
-            derived_head_dim = hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None
-            return cls(
-                architecture=archs[0],
-                vocab_size=hf["vocab_size"],
-                hidden_size=hidden,
-                intermediate_size=hf["intermediate_size"],
-                num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=heads,
-                num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=hf.get("head_dim") or derived_head_dim,
-                # Not bool(): the string "false" is truthy and would tie the embeddings.
-                tie_word_embeddings=hf.get("tie_word_embeddings", archs[0] in GEMMA_ARCHITECTURES),
-                dtype=dtype,
-                rms_norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
-                rope_theta=_hf_float(rope, "rope_theta", _hf_float(
-                    hf, "rope_theta", 1e6 if archs[0] == "Gemma3ForCausalLM" else 10000.0)),
-                rope_scaling=_rope_scaling(rope),
-                rope_linear_factor=_rope_linear(rope),
-                rope_local_theta=local_theta,
-                layer_types=_layer_types(hf, archs[0]),
-                **_gemma_fields(hf, archs[0]),
-                # Qwen2's config has no such field: its q/k/v projections always carry biases.
-                attention_bias=archs[0] == "Qwen2ForCausalLM",
-                sliding_window=_sliding_window(hf, archs[0]),
-                moe=_moe(hf, archs[0]),
-                model=model,
-                max_position_embeddings=hf.get("max_position_embeddings", 4096),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-                initializer_range=_hf_float(hf, "initializer_range", 0.02),
-            )
-        except KeyError as e:
-            raise ValueError(f"config.json lacks the required field {e.args[0]!r}") from e
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The Hugging Face `config.json` of this architecture (for export)."""
-        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
-        if self.rope_scaling is not None:
-            rope = {**rope, "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
-        if self.rope_linear_factor is not None:
-            rope = {**rope, "rope_type": "linear", "factor": self.rope_linear_factor}
-        if self.rope_local_theta is not None:  # Gemma 3: per layer type
-            rope = {"full_attention": rope,
-                    "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
-        eos: int | list[int] | None = (None if not self.eos_token_ids else
-                                       self.eos_token_ids[0] if len(self.eos_token_ids) == 1
-                                       else list(self.eos_token_ids))
-        return {
-            **_moe_hf_dict(self),
-            "architectures": [self.architecture],
-            "model_type": MODEL_TYPES[self.architecture],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": self.hidden_act,
-            "hidden_activation": self.hidden_act,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": rope,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": None,  # Phi-3's config class would default it to 32000, past small vocabularies
-            "initializer_range": self.initializer_range,
-            "attention_bias": self.attention_bias,
-            "sliding_window": self.sliding_window,
-            "use_sliding_window": self.sliding_window is not None,
-            **({} if self.layer_types is None else {"layer_types": list(self.layer_types)}),
-            **({} if not self.gemma else {
-                # transformers types it int
-                "query_pre_attn_scalar": (int(self.query_pre_attn_scalar) if self.query_pre_attn_scalar is not None
-                                          and float(self.query_pre_attn_scalar).is_integer()
-                                          else self.query_pre_attn_scalar),
-                "attn_logit_softcapping": self.attn_logit_softcapping,
-                "final_logit_softcapping": self.final_logit_softcapping}),
-            "dtype": self.dtype,
-            "torch_dtype": self.dtype,  # the key transformers 4.x reads
-        }
-
-
-def _reject_unimplemented(hf: Mapping[str, Any], architecture: str) -> None:
-    """Fail on config features that would silently change the model if ignored."""
-    problems = []
-    if architecture in GEMMA_ARCHITECTURES:
-        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
-        if act != "gelu_pytorch_tanh":
-            problems.append(f"hidden_activation={act!r} (only 'gelu_pytorch_tanh')")
-        if hf.get("use_bidirectional_attention"):
-            problems.append("use_bidirectional_attention=true")
-        if architecture == "Gemma3ForCausalLM" and hf.get("attn_logit_softcapping") is not None:
-            # transformers' Gemma 3 reads the field but never caps its scores: ambiguous.
-            problems.append("attn_logit_softcapping on Gemma 3 (transformers does not apply it)")
-    elif hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
-    if hf.get("mlp_bias"):
-        problems.append("mlp_bias=true")
-    # Llama's (and Qwen3's, Mistral's) attention_bias also puts a bias on o_proj; Qwen2's
-    # q/k/v biases are built in.
-    if hf.get("attention_bias") and architecture != "Qwen2ForCausalLM":
-        problems.append("attention_bias=true")
-    layer_types = hf.get("layer_types") or []
-    # Sliding layers are served as full attention, which is exact only while the window
-    # covers max_model_len: RunnerConfig checks `sliding_window` against it.
-    if not isinstance(layer_types, list):
-        problems.append(f"layer_types={layer_types!r} (expected a list of 'full_attention')")
-    elif any(t not in ("full_attention", "sliding_attention") for t in layer_types):
-        problems.append(f"layer_types other than 'full_attention': {sorted(set(map(str, layer_types)))}")
-    rope = hf.get("rope_parameters")
-    rope_fraction = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
-    if _default(hf.get("partial_rotary_factor"), _default(rope_fraction, 1.0)) != 1.0:
-        problems.append("partial_rotary_factor other than 1.0")
-    if hf.get("router_jitter_noise"):
-        problems.append(f"router_jitter_noise={hf['router_jitter_noise']!r} (only 0)")
-    if problems:
-        raise ValueError("config.json uses features this runner does not implement: " + "; ".join(problems))
-
-
-def _default(value: Any, default: Any) -> Any:
-    """`value`, or `default` where config.json leaves it out or writes null."""
-    return default if value is None else value
-
-
-def _sliding_window(hf: Mapping[str, Any], architecture: str) -> int | None:
-    """The attention window the checkpoint uses, None for full attention.
-
-    Qwen2 and Qwen3 carry a `sliding_window` they use only with `use_sliding_window`;
-    Mistral, Mixtral and Phi-3 use theirs whenever it is set; Gemma always (4096 unless set).
-    """
-    if architecture in GEMMA_ARCHITECTURES:
-        return hf.get("sliding_window", 4096)
-    flag = hf.get("use_sliding_window")
-    if flag is False or (flag is None and "use_sliding_window" in hf):
-        return None
-    return hf.get("sliding_window")
-
-
-def _layer_types(hf: Mapping[str, Any], architecture: str) -> tuple[str, ...] | None:
-    """Which layers use the window, as transformers derives them: `layer_types` when
-    config.json has it; else Qwen2/Qwen3 slide from layer `max_window_layers` on, Gemma 2
-    alternates (even layers slide), Gemma 3 makes every `sliding_window_pattern`-th layer
-    (default 6) global. The other families window every layer (None) when they have a window."""
-    if (architecture not in GEMMA_ARCHITECTURES + ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
-            or _sliding_window(hf, architecture) is None):
-        return None
-    n = hf.get("num_hidden_layers")
-    if isinstance(hf.get("layer_types"), list):
-        return tuple(hf["layer_types"])
-    if not _is_int(n):
-        return None  # the record's validation names the bad layer count
-    if architecture in GEMMA_ARCHITECTURES:
-        pattern = 2 if architecture == "Gemma2ForCausalLM" else hf.get("sliding_window_pattern", 6)
-        if not _is_int(pattern) or pattern <= 0:
-            raise ValueError(f"config.json field 'sliding_window_pattern': expected a positive int, got {pattern!r}")
-        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n))
-    first = hf.get("max_window_layers", 28)
-    if not _is_int(first):
-        raise ValueError(f"config.json field 'max_window_layers': expected an int, got {first!r}")
-    return tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
-
-
-def _rope_sections(hf: Mapping[str, Any], architecture: str) -> tuple[Mapping[str, Any], float | None]:
-    """(RoPE parameters of the global layers, RoPE base of the local ones or None).
-
-    Gemma 3 gives its sliding layers their own unscaled RoPE: transformers 5 writes
-    `rope_parameters` per layer type, older configs `rope_local_base_freq` (default 10000).
-    """
-    params = hf.get("rope_parameters")
-    rope = params or hf.get("rope_scaling") or {}
-    if not isinstance(rope, Mapping):
-        raise ValueError(f"config.json field 'rope_parameters'/'rope_scaling': expected an object, got {rope!r}")
-    if architecture != "Gemma3ForCausalLM":
-        return rope, None
-    if isinstance(params, Mapping) and ("full_attention" in params or "sliding_attention" in params):
-        rope, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
-        if not isinstance(rope, Mapping) or not isinstance(local, Mapping):
-            raise ValueError(f"config.json field 'rope_parameters': expected objects per layer type, got {params!r}")
-        if _rope_kind(local) != "default":
-            raise ValueError(f"unsupported rope scaling type {_rope_kind(local)!r} on sliding_attention layers; "
-                             "supported there: 'default'")
-        return rope, _hf_float(local, "rope_theta", 10000.0, "rope_parameters.sliding_attention")
-    return rope, _hf_float(hf, "rope_local_base_freq", 10000.0)
-
-
-def _gemma_fields(hf: Mapping[str, Any], architecture: str) -> dict[str, Any]:
-    """Gemma's activation, attention scale and soft-caps (transformers' defaults where
-    config.json leaves a field out; null turns a cap off)."""
-    if architecture not in GEMMA_ARCHITECTURES:
-        return {}
-    gemma2 = architecture == "Gemma2ForCausalLM"
-
-    def number(key: str, default: float | None) -> float | None:
-        value = hf.get(key, default)
-        return None if value is None else _hf_float(hf, key, default)
-
-    return dict(hidden_act=hf.get("hidden_activation") or "gelu_pytorch_tanh",
-                query_pre_attn_scalar=number("query_pre_attn_scalar", 256.0),
-                attn_logit_softcapping=number("attn_logit_softcapping", 50.0 if gemma2 else None),
-                final_logit_softcapping=number("final_logit_softcapping", 30.0 if gemma2 else None))
-
-
-def _moe(hf: Mapping[str, Any], architecture: str) -> MoeConfig | None:
-    """Qwen3-MoE's and Mixtral's expert fields (transformers 5 writes `num_local_experts`
-    for both; Qwen3-MoE checkpoints of 4.x say `num_experts`)."""
-    if architecture not in MOE_ARCHITECTURES:
-        return None
-    is_mixtral = architecture == "MixtralForCausalLM"
-    return MoeConfig(
-        num_experts=hf.get("num_local_experts") or hf.get("num_experts"),
-        num_experts_per_tok=hf.get("num_experts_per_tok"),
-        intermediate_size=hf["intermediate_size"] if is_mixtral else hf.get("moe_intermediate_size"),
-        # Mixtral always renormalises the top-k weights.
-        norm_topk_prob=True if is_mixtral else hf.get("norm_topk_prob", False),
-        decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
-    )
-
-
-def _moe_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """The expert fields of `config.json` (none for dense families)."""
-    if cfg.moe is None:
-        return {}
-    m = cfg.moe
-    fields = {"num_local_experts": m.num_experts, "num_experts": m.num_experts,
-              "num_experts_per_tok": m.num_experts_per_tok}
-    if cfg.architecture == "MixtralForCausalLM":
-        return fields
-    return {**fields, "moe_intermediate_size": m.intermediate_size, "norm_topk_prob": m.norm_topk_prob,
-            "decoder_sparse_step": m.decoder_sparse_step, "mlp_only_layers": list(m.mlp_only_layers)}
-
-
-def _rope_kind(rope: Mapping[str, Any]) -> str:
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    return "default" if kind is None else kind
-
-
-def _rope_linear(rope: Mapping[str, Any]) -> float | None:
-    if _rope_kind(rope) != "linear":
-        return None
-    factor = _hf_float(rope, "factor", None, "rope_parameters")
-    if factor is None:
-        raise ValueError("linear rope scaling lacks 'factor'")
-    return factor
-
-
-def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling | None:
-    kind = _rope_kind(rope)
-    if kind in ("default", "linear"):
-        return None
-    if kind != "llama3":
-        # Phi-3's longrope (alias su) rescales per frequency with two tables: not implemented.
-        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', 'llama3'")
-    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-               if rope.get(k) is None]
-    if missing:
-        raise ValueError(f"llama3 rope scaling lacks {missing[0]!r}")
-    length = rope["original_max_position_embeddings"]
-    if isinstance(length, float) and length.is_integer():
-        length = int(length)  # e.g. 8192.0 written by a float-only exporter
-    return RopeScaling(
-        factor=_hf_float(rope, "factor", None, "rope_parameters"),
-        low_freq_factor=_hf_float(rope, "low_freq_factor", None, "rope_parameters"),
-        high_freq_factor=_hf_float(rope, "high_freq_factor", None, "rope_parameters"),
-        original_max_position_embeddings=length,
-    )
-
-
-def _hf_float(hf: Mapping[str, Any], key: str, default: Any, section: str = "") -> Any:
-    """`hf[key]` as a float (`default` when absent or null), or a ValueError naming the field."""
-    value = hf.get(key)
-    if value is None:
-        return default
-    name = f"{section}.{key}" if section else key
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"config.json field {name!r}: expected a number, got {value!r}")
-    try:
-        return float(value)
-    except OverflowError:
-        raise ValueError(f"config.json field {name!r}: expected a finite number, got {value!r}") from None
-
 
 @dataclass(frozen=True)
 class LoadConfig:
@@ -673,7 +267,7 @@ class LoadConfig:
         _require(self.load_format in LOAD_FORMATS, "LoadConfig", "load_format",
                  f"unknown {self.load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
         # jax.random.key takes a signed 64-bit seed and numpy's generators a non-negative one.
-        _require(_is_int(self.seed) and 0 <= self.seed < 2**63, "LoadConfig", "seed",
+        _require(is_int(self.seed) and 0 <= self.seed < 2**63, "LoadConfig", "seed",
                  f"expected an int in [0, 2**63), got {self.seed!r}")
         _require(isinstance(self.check_finite, bool), "LoadConfig", "check_finite",
                  f"expected a bool, got {self.check_finite!r}")
@@ -699,7 +293,7 @@ class CacheConfig:
         _check_positive_int("CacheConfig", "num_blocks", self.num_blocks, allow_none=True)
         _check_positive_int("CacheConfig", "memory_budget_bytes", self.memory_budget_bytes, allow_none=True)
         u = self.gpu_memory_utilization
-        _require(u is None or (_is_finite_number(u) and 0 < u <= 1), "CacheConfig", "gpu_memory_utilization",
+        _require(u is None or (is_finite_number(u) and 0 < u <= 1), "CacheConfig", "gpu_memory_utilization",
                  f"expected a fraction in (0, 1], got {u!r}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "CacheConfig", "kv_cache_dtype",
                  f"unknown {self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
@@ -746,7 +340,7 @@ class SchedulerConfig:
         _require(self.max_num_batched_tokens >= self.max_num_seqs, "SchedulerConfig",
                  "max_num_batched_tokens", f"{self.max_num_batched_tokens} must be at least "
                  f"max_num_seqs ({self.max_num_seqs}) so every running request can decode")
-        _require(_is_int(self.decode_window) and self.decode_window >= 0, "SchedulerConfig", "decode_window",
+        _require(is_int(self.decode_window) and self.decode_window >= 0, "SchedulerConfig", "decode_window",
                  f"expected an int >= 0 (0: automatic), got {self.decode_window!r}")
         _require(isinstance(self.enable_chunked_prefill, bool), "SchedulerConfig",
                  "enable_chunked_prefill", f"expected a bool, got {self.enable_chunked_prefill!r}")

@@ -38,8 +38,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig,
-                          SchedulerConfig, parse_json)
+from runner.formats.files import parse_json
+from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig, SchedulerConfig)
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int, *,

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from runner.formats.hf_config import model_config_from_folder
 from runner.device import distributed, sharding
 from runner.device.loader import load_params, params_from_checkpoint
 from runner.formats.param_tree import CheckpointError, assemble, leaf_tensors, tree_tensors
@@ -190,7 +191,7 @@ def _check_same_model(config: RunnerConfig, folder: Path) -> None:
                               "assume_same_model=True if its tensors are known to fit")
     ours = config.model_config
     try:
-        theirs = ModelConfig.from_pretrained(folder, dtype=ours.dtype)
+        theirs = model_config_from_folder(folder, dtype=ours.dtype)
     except ValueError as e:
         raise CheckpointError(f"{str(folder)!r}: {e}") from e
     differ = [f.name for f in dataclasses.fields(ModelConfig)

@@ -29,7 +29,7 @@ from runner.device import lifecycle, sharding
 from models.decode_loop import DecodeState, RowSettings, WindowOutput, decode_window, step_metadata
 from runner.device.prepare import BucketSizes, prepare_batch, prepare_rows, prepare_state, window_block_tables
 from models.sampler import SamplerOutput, prompt_logprobs, sample_switched
-from runner.engine.scheduler import ScheduledRequest, SchedulerOutput
+from runner.engine.scheduler import SchedulerOutput
 from state.batch import Batch, bucket
 from state.config import ModelConfig, RunnerConfig
 from models.kv_cache import KVCache, allocate_kv_cache, blocks_per_seq
@@ -279,12 +279,12 @@ class ModelRunner:
         state = self._state
         state.check_servable()
         try:
-            *results, kv_cache = program(self._weights(), models.kv_cache, *args)
+            *results, kv_cache = program(self._weights(), state.kv_cache, *args)
         except BaseException:
             # Interrupted after the cache was donated: the record would point at deleted
             # buffers. Start over from an empty cache (its contents are lost either way;
             # the engine drops its prefix cache when a call fails).
-            if any(leaf.is_deleted() for leaf in jax.tree.leaves(models.kv_cache)):
+            if any(leaf.is_deleted() for leaf in jax.tree.leaves(state.kv_cache)):
                 # The same allocation as creation and wake_up.
                 self._state = replace(state, kv_cache=allocate_kv_cache(
                     state.config, state.num_blocks, state.kv_shardings))

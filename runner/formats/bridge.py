@@ -22,6 +22,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from models.checkpoint import export_tensors
+from runner.formats.hf_config import hf_config_dict
 from runner.formats.param_tree import CheckpointError, Tensor, assemble, validate_params
 from runner.formats.tokenizer import Tokenizer
 from state.config import ModelConfig
@@ -121,7 +122,7 @@ def save_pretrained(folder: str | Path, params: Params, model_config: ModelConfi
             continue
         leaves[path] = array
     save_file(export_tensors(leaves, model_config), folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(model_config.to_hf_dict(), indent=2))
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(model_config), indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)
     return folder

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from runner.formats.hf_config import hf_config_dict
 from runner.formats.param_tree import CheckpointError, assemble, tree_tensors, validate_params
 from state.config import ModelConfig
 from state.params import Params, abstract_params, leaf_paths
@@ -55,7 +56,7 @@ def save_params(path: str | Path, params: Params, model_config: ModelConfig | No
         checkpointer.save(folder, params, force=force)
     # Closing the checkpointer waited for the save: the folder is complete from here on.
     if model_config is not None:
-        (folder / CONFIG_FILE).write_text(json.dumps(model_config.to_hf_dict(), indent=2) + "\n")
+        (folder / CONFIG_FILE).write_text(json.dumps(hf_config_dict(model_config), indent=2) + "\n")
     return folder
 
 

@@ -19,8 +19,9 @@ from typing import Any, BinaryIO, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from runner.formats.files import MAX_JSON_BYTES, open_regular_file, parse_json, read_regular_file
 from runner.formats.param_tree import CheckpointError
-from state.config import MAX_JSON_BYTES, open_regular_file, parse_json, read_regular_file
+
 
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

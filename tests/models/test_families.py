@@ -17,6 +17,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from runner.formats.hf_config import model_config_from_folder, model_config_from_hf
 from runner import LLM, SamplingParams
 from runner.formats.bridge import save_pretrained
 from runner.device.loader import params_from_checkpoint
@@ -53,7 +54,7 @@ def test_a_batch_of_mixed_lengths_equals_each_prompt_alone(name, hf_checkpoint):
 
 def test_qwen2_reads_its_biases_and_refuses_a_checkpoint_without_them(hf_checkpoint):
     folder, _ = hf_checkpoint("qwen2_gqa")
-    cfg = ModelConfig.from_pretrained(folder)
+    cfg = model_config_from_folder(folder)
     assert cfg.attention_bias and not cfg.qk_norm
     assert LLM(str(folder), **LLM_ARGS).runner.params.layers[0].bq.shape == (4 * 12,)
     # A Qwen2 checkpoint whose biases are missing is incomplete, never served without them.
@@ -61,7 +62,7 @@ def test_qwen2_reads_its_biases_and_refuses_a_checkpoint_without_them(hf_checkpo
     with pytest.raises(CheckpointError, match=r"lacks 2 tensor\(s\) the model needs: layers\.0\.bq "):
         params_from_checkpoint(named, cfg)
     # A Llama-shaped model has no bias leaves: a bias in its checkpoint is unexpected.
-    llama = ModelConfig.from_pretrained(hf_checkpoint("llama_tied_mha")[0])
+    llama = model_config_from_folder(hf_checkpoint("llama_tied_mha")[0])
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
         params_from_checkpoint([("model.layers.0.self_attn.q_proj.bias", named[0][1])], llama)
 
@@ -148,14 +149,14 @@ def test_phi3_rope_variants_are_refused(tmp_path, hf_checkpoint, changes, messag
               if not (k == "rope_parameters" and "rope_scaling" in changes)}
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
-        ModelConfig.from_pretrained(folder)
+        model_config_from_folder(folder)
 
 
 def test_a_llama_attention_bias_is_refused(tmp_path, hf_checkpoint):
     # Llama's attention_bias also biases o_proj, which the shared core does not have.
     folder = write_config(tmp_path / "m", "llama_tied_mha", hf_checkpoint, attention_bias=True)
     with pytest.raises(ValueError, match=r"features this runner does not implement: attention_bias=true"):
-        ModelConfig.from_pretrained(folder)
+        model_config_from_folder(folder)
 
 
 @pytest.mark.parametrize("name, changes, message", [
@@ -176,7 +177,7 @@ def test_a_llama_attention_bias_is_refused(tmp_path, hf_checkpoint):
 def test_gemma_fields_it_does_not_implement_are_refused(tmp_path, hf_checkpoint, name, changes, message):
     folder = write_config(tmp_path / "m", name, hf_checkpoint, **changes)
     with pytest.raises(ValueError, match=message):
-        ModelConfig.from_pretrained(folder)
+        model_config_from_folder(folder)
 
 
 def test_gemma_defaults_follow_transformers(tmp_path, hf_checkpoint):
@@ -184,13 +185,13 @@ def test_gemma_defaults_follow_transformers(tmp_path, hf_checkpoint):
     source = json.loads((hf_checkpoint("gemma2_gqa")[0] / "config.json").read_text())
     hf = {k: v for k, v in source.items() if k not in ("attn_logit_softcapping", "query_pre_attn_scalar",
                                                        "layer_types", "sliding_window")}
-    cfg = ModelConfig.from_hf_dict({**hf, "final_logit_softcapping": None})
+    cfg = model_config_from_hf({**hf, "final_logit_softcapping": None})
     assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.query_pre_attn_scalar) == (50.0, None, 256.0)
     assert cfg.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
     assert cfg.sliding_window == 4096 and [cfg.window(i) for i in range(3)] == [4096, None, 4096]
     gemma3 = {k: v for k, v in json.loads((hf_checkpoint("gemma3_gqa")[0] / "config.json").read_text()).items()
               if k not in ("layer_types", "rope_parameters")}
-    cfg3 = ModelConfig.from_hf_dict({**gemma3, "num_hidden_layers": 7, "rope_local_base_freq": 500.0})
+    cfg3 = model_config_from_hf({**gemma3, "num_hidden_layers": 7, "rope_local_base_freq": 500.0})
     assert cfg3.layer_types == ("sliding_attention",) * 5 + ("full_attention", "sliding_attention")
     assert (cfg3.rope_theta, cfg3.rope_local_theta, cfg3.rope_linear_factor) == (1e6, 500.0, None)
 
@@ -200,7 +201,7 @@ def test_the_flax_training_model_refuses_gemma(hf_checkpoint):
 
     from models.flax_llama import CausalLM
 
-    cfg = ModelConfig.from_pretrained(hf_checkpoint("gemma2_gqa")[0])
+    cfg = model_config_from_folder(hf_checkpoint("gemma2_gqa")[0])
     with pytest.raises(ValueError, match="the Flax NNX training model does not implement Gemma2ForCausalLM"):
         CausalLM(cfg, nnx.Rngs(0))
 
@@ -208,7 +209,7 @@ def test_the_flax_training_model_refuses_gemma(hf_checkpoint):
 def test_router_jitter_is_refused(tmp_path, hf_checkpoint):
     folder = write_config(tmp_path / "m", "mixtral_gqa", hf_checkpoint, router_jitter_noise=0.1)
     with pytest.raises(ValueError, match=r"router_jitter_noise=0.1 \(only 0\)"):
-        ModelConfig.from_pretrained(folder)
+        model_config_from_folder(folder)
 
 
 # -- checkpoints of the wrong shape --------------------------------------------------------------
@@ -317,7 +318,7 @@ def test_flax_training_model_exports_to_transformers_with_its_logits(name, hf_ch
     from models.flax_llama import CausalLM
     from runner.formats.bridge import params_from_flax
 
-    cfg = ModelConfig.from_pretrained(hf_checkpoint(name)[0])
+    cfg = model_config_from_folder(hf_checkpoint(name)[0])
     model = CausalLM(cfg, nnx.Rngs(0))
     # Random values everywhere (biases start at zero): every leaf's route to the export counts.
     state = nnx.state(model, nnx.Param)

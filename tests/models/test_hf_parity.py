@@ -31,7 +31,7 @@ def _our_logits(llm: LLM, tokens: list[int], start: int) -> np.ndarray:
     batch, _ = prepare_batch(out, llm.config.cache_config.block_size,
                              llm.config.scheduler_config.max_num_seqs)
     state = llm.runner.state
-    hidden, kv = forward_step(state.params, models.kv_cache, batch, state.config.model_config.for_compile(),
+    hidden, kv = forward_step(state.params, state.kv_cache, batch, state.config.model_config.for_compile(),
                              state.config.cache_config.attention_backend)
     llm.runner._state = type(state)(**{**state.__dict__, "kv_cache": kv})
     for s in out.scheduled:

@@ -105,7 +105,7 @@ def outputs(llm: LLM, sequence: list[int]) -> tuple[list[int], list[float], np.n
 def test_fp8_scales_from_a_reload_match_a_fresh_load_and_float32(checkpoints):
     scaled, plain, scales, sequence = checkpoints
     fresh = LLM(str(scaled), kv_cache_dtype="fp8", **LLM_ARGS)
-    assert fresh.runner.models.kv_cache[0].k.dtype == np.dtype("float8_e4m3fn")
+    assert fresh.runner.state.kv_cache[0].k.dtype == np.dtype("float8_e4m3fn")
     expected = outputs(fresh, sequence)
 
     llm = LLM(str(scaled), load_format="dummy", kv_cache_dtype="fp8", **LLM_ARGS)

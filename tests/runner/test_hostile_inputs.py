@@ -22,9 +22,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import runner.formats.safetensors_io as safetensors_io
+from runner.formats.hf_config import model_config_from_folder, model_config_from_hf
 from runner.formats.param_tree import CheckpointError
 from runner.formats.safetensors_io import iter_safetensors, safetensors_files
-from state.config import ModelConfig
 
 HF_CONFIG = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 97, "hidden_size": 40,
              "intermediate_size": 72, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -80,33 +80,33 @@ def entry(dtype: str, shape: list[int], start: int = 0) -> dict:
 
 def test_config_json_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "config.json")
-    assert_refused(lambda: ModelConfig.from_pretrained(tmp_path), tmp_path / "config.json", ValueError,
+    assert_refused(lambda: model_config_from_folder(tmp_path), tmp_path / "config.json", ValueError,
                    r"config\.json is a FIFO, not a regular file")
 
 
 def test_config_json_symlink_loop_is_a_value_error(tmp_path):
     os.symlink(tmp_path / "config.json", tmp_path / "config.json")
     with pytest.raises(ValueError, match=r"cannot open .*config\.json: Too many levels of symbolic links"):
-        ModelConfig.from_pretrained(tmp_path)
+        model_config_from_folder(tmp_path)
 
 
 def test_config_json_that_is_a_folder_is_a_value_error(tmp_path):
     (tmp_path / "config.json").mkdir()
     with pytest.raises(ValueError, match=r"config\.json is a directory, not a regular file"):
-        ModelConfig.from_pretrained(tmp_path)
+        model_config_from_folder(tmp_path)
 
 
 def test_deeply_nested_config_json_is_a_value_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "extra": 0})[:-1] + ', "deep": ' + DEEP + "}")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON: nested deeper than 64 levels"):
-        ModelConfig.from_pretrained(tmp_path)
+        model_config_from_folder(tmp_path)
     # Nesting a little past the bound, which json itself parses, is refused the same way.
     (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "deep": [[[0]]] * 2})[:-1]
                                           + ', "deeper": ' + "[" * 70 + "]" * 70 + "}")
     with pytest.raises(ValueError, match=r"nested deeper than 64 levels"):
-        ModelConfig.from_pretrained(tmp_path)
+        model_config_from_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "quantization_config": {"a": {"b": [[1]]}}}))
-    assert ModelConfig.from_pretrained(tmp_path).vocab_size == 97
+    assert model_config_from_folder(tmp_path).vocab_size == 97
 
 
 # -- the safetensors index and weight files ------------------------------------------------
@@ -272,7 +272,7 @@ def two_processes(monkeypatch):
 def _runner_config():
     from state.config import RopeScaling, RunnerConfig, SchedulerConfig
 
-    model = ModelConfig.from_hf_dict({**HF_CONFIG, "eos_token_id": [2, 5]})
+    model = model_config_from_hf({**HF_CONFIG, "eos_token_id": [2, 5]})
     model = dataclasses.replace(model, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
     return RunnerConfig(model_config=model, scheduler_config=SchedulerConfig(max_model_len=64))
 

@@ -53,7 +53,7 @@ def live_bytes() -> int:
 
 
 def kv_bytes(llm: LLM) -> int:
-    return param_bytes(llm.runner.models.kv_cache)
+    return param_bytes(llm.runner.state.kv_cache)
 
 
 # -- checkpoints ---------------------------------------------------------------------------

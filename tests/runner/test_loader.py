@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+from runner.formats.hf_config import model_config_from_folder, model_config_from_hf
 from runner.device.loader import dummy_params, load_params, params_from_checkpoint
 from runner.formats.safetensors_io import iter_safetensors
 from runner.formats.param_tree import CheckpointError, validate_params
-from state.config import LoadConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from state.config import LoadConfig, RunnerConfig, SchedulerConfig
 from state.params import abstract_params, leaf_paths
 from tests import hf_models
 
@@ -37,7 +38,7 @@ def _copy(folder, tmp_path, mutate=None):
 
 
 def _load(folder, **load):
-    cfg = ModelConfig.from_pretrained(folder)
+    cfg = model_config_from_folder(folder)
     config = RunnerConfig(model_config=cfg, load_config=LoadConfig(**load),
                           scheduler_config=SchedulerConfig(max_model_len=64))
     return load_params(config)
@@ -127,7 +128,7 @@ def test_pickle_checkpoint_is_refused(checkpoint, tmp_path):
 
 
 def test_dummy_weights_are_seeded_and_read_no_file():
-    cfg = ModelConfig.from_hf_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 97,
+    cfg = model_config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 97,
                                     "hidden_size": 40, "intermediate_size": 72, "num_hidden_layers": 2,
                                     "num_attention_heads": 4, "num_key_value_heads": 2},
                                    model="/nonexistent")
@@ -139,7 +140,7 @@ def test_dummy_weights_are_seeded_and_read_no_file():
 
 
 def test_validate_params_names_the_bad_leaf(checkpoint):
-    cfg = ModelConfig.from_pretrained(checkpoint[0])
+    cfg = model_config_from_folder(checkpoint[0])
     params = dummy_params(cfg, 0)
     validate_params(params, cfg)
     bad = jax.tree.unflatten(jax.tree.structure(params),
@@ -153,7 +154,7 @@ def test_validate_params_names_the_bad_leaf(checkpoint):
 
 def test_subset_update_keeps_other_leaves(checkpoint):
     folder, _ = checkpoint
-    cfg = ModelConfig.from_pretrained(folder)
+    cfg = model_config_from_folder(folder)
     base = dummy_params(cfg, 0)
     names = dict(iter_safetensors(folder))
     new = params_from_checkpoint([("model.norm.weight", names["model.norm.weight"])], cfg, base=base)

@@ -62,7 +62,7 @@ def placed_as_recorded(llm: Any) -> bool:
 
     state = llm.runner.state
     pairs = list(zip(jax.tree.leaves(state.params), jax.tree.leaves(state.param_shardings)))
-    pairs += list(zip(jax.tree.leaves(models.kv_cache), jax.tree.leaves(state.kv_shardings)))
+    pairs += list(zip(jax.tree.leaves(state.kv_cache), jax.tree.leaves(state.kv_shardings)))
     return all(x.sharding == s for x, s in pairs)
 
 
@@ -75,7 +75,7 @@ def parity(spec: dict[str, Any]) -> dict[str, Any]:
     for run in spec["runs"]:
         llm = LLM(run["folder"], tensor_parallel_size=run["tp"], data_parallel_size=run.get("dp", 1),
                   attention_backend=run.get("backend", "reference"), **LLM_ARGS)
-        first_k = llm.runner.models.kv_cache[0].k
+        first_k = llm.runner.state.kv_cache[0].k
         with warnings.catch_warnings(record=True) as caught, CompileCounter() as warmup:
             warnings.simplefilter("always")
             generate(llm)
@@ -88,7 +88,7 @@ def parity(spec: dict[str, Any]) -> dict[str, Any]:
             **run, "outputs": outputs, "warmup_compiles": warmup.count, "compiles_after_warmup": again.count,
             "tokens_per_s": len(PROMPTS) * MAX_TOKENS / elapsed, "kv_donated": donated,
             "donation_warnings": [str(w.message) for w in caught if "donat" in str(w.message)],
-            "param_specs": specs(llm.runner.params), "kv_specs": specs(llm.runner.models.kv_cache),
+            "param_specs": specs(llm.runner.params), "kv_specs": specs(llm.runner.state.kv_cache),
             "placed_as_recorded": placed_as_recorded(llm),
             "mesh": dict(llm.runner.mesh.shape)})
     return {"runs": results}
@@ -102,13 +102,13 @@ def lifecycle(spec: dict[str, Any]) -> dict[str, Any]:
 
     llm = LLM(spec["folder"], tensor_parallel_size=spec["tp"], **LLM_ARGS)
     record: dict[str, Any] = {"before": generate(llm), "param_specs": specs(llm.runner.params),
-                              "kv_specs": specs(llm.runner.models.kv_cache)}
+                              "kv_specs": specs(llm.runner.state.kv_cache)}
 
     def after(name: str) -> None:
         with CompileCounter() as c:
             outputs = generate(llm)
         record[name] = {"outputs": outputs, "compiles": c.count, "param_specs": specs(llm.runner.params),
-                        "kv_specs": specs(llm.runner.models.kv_cache), "placed_as_recorded": placed_as_recorded(llm)}
+                        "kv_specs": specs(llm.runner.state.kv_cache), "placed_as_recorded": placed_as_recorded(llm)}
 
     record["rpc_reload"] = llm.collective_rpc("reload_weights")
     after("reload")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from runner.formats.hf_config import hf_config_dict, model_config_from_folder, model_config_from_hf
 from state import (CacheConfig, LoadConfig, ModelConfig, RopeScaling, RunnerConfig,
                    SchedulerConfig, describe_effects, update_config)
 
@@ -113,7 +114,7 @@ def _write(tmp_path, **fields):
 
 
 def test_from_pretrained_reads_hf_config(tmp_path):
-    cfg = ModelConfig.from_pretrained(_write(tmp_path, eos_token_id=[5, 6], dtype="bfloat16",
+    cfg = model_config_from_folder(_write(tmp_path, eos_token_id=[5, 6], dtype="bfloat16",
                                              tie_word_embeddings=True))
     assert cfg.eos_token_ids == (5, 6) and cfg.dtype == "bfloat16" and cfg.tie_word_embeddings
     assert cfg.model == str(tmp_path) and cfg.qk_norm
@@ -122,9 +123,9 @@ def test_from_pretrained_reads_hf_config(tmp_path):
 def test_from_pretrained_reads_llama3_rope_in_both_spellings(tmp_path):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}
-    old = ModelConfig.from_pretrained(_write(tmp_path, architectures=["LlamaForCausalLM"],
+    old = model_config_from_folder(_write(tmp_path, architectures=["LlamaForCausalLM"],
                                              rope_scaling=rope, rope_theta=5e5))
-    new = ModelConfig.from_pretrained(_write(tmp_path, architectures=["LlamaForCausalLM"],
+    new = model_config_from_folder(_write(tmp_path, architectures=["LlamaForCausalLM"],
                                              rope_parameters={**rope, "rope_theta": 5e5}))
     assert old == new and old.rope_scaling.factor == 8.0 and old.rope_theta == 5e5
 
@@ -141,20 +142,20 @@ def test_from_pretrained_reads_llama3_rope_in_both_spellings(tmp_path):
 ])
 def test_unimplemented_features_are_refused(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig.from_pretrained(_write(tmp_path, **fields))
+        model_config_from_folder(_write(tmp_path, **fields))
 
 
 def test_missing_config_json_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        ModelConfig.from_pretrained(tmp_path)
+        model_config_from_folder(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
-        ModelConfig.from_pretrained(tmp_path)
+        model_config_from_folder(tmp_path)
 
 
 def test_config_round_trips_through_hf_dict():
     cfg = _model(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), eos_token_ids=(2,))
-    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert model_config_from_hf(hf_config_dict(cfg)) == cfg
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -172,7 +173,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(fields, message):
 def test_token_ids_are_checked_against_the_vocabulary_on_every_path(tmp_path):
     with pytest.raises(ValueError, match=r"ModelConfig\.eos_token_ids: token id 1099511627776 is outside "
                                          r"the vocabulary \[0, 97\)"):
-        ModelConfig.from_pretrained(_write(tmp_path, eos_token_id=2**40))
+        model_config_from_folder(_write(tmp_path, eos_token_id=2**40))
     config = _config()
     with pytest.raises(ValueError, match=r"ModelConfig\.eos_token_ids: token id 200 is outside"):
         update_config(config, {"model_config": {"eos_token_ids": [2, 200]}})
