@@ -336,7 +336,7 @@ def _bench_row(llm: LLM, peer: VllmPeer | None, folder: Path, w: Workload, b: in
 
 def run(w: Workload = Workload(), model: str | None = None, reference: bool = True,
         output: str | Path | None = None, log: Callable[[str], None] = print,
-        vllm_python: str | None = None, decode_window: int = 0) -> dict[str, Any]:
+        vllm_python: str | None = None, decode_steps: int = 0) -> dict[str, Any]:
     """Run W1 (or `model`'s weights with W1's prompts) and return every figure as a dict."""
     samples: list[Peaks] = []
     max_len = w.prompt_len + w.max_tokens
@@ -351,7 +351,7 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
         llm = LLM(str(folder), dtype=w.dtype, max_model_len=max_len,
                   num_kv_blocks=blocks_per_seq * max(w.batch_sizes) + 1,
                   max_num_seqs=max(w.batch_sizes), enable_prefix_caching=False,
-                  decode_window=decode_window)
+                  decode_steps=decode_steps)
         weight_bytes = param_bytes(llm.runner.params)
         row_flops = matmul_flops_per_row(llm.runner.params)
         results = []

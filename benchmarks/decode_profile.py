@@ -1,19 +1,20 @@
 """Where a decode step of W1 goes: each piece jitted alone at W1's shapes, beside the whole
-decode window, per batch size.
+multi-step decode, per batch size.
 
     PYTHONPATH=. python benchmarks/decode_profile.py [--batch-sizes 1 8 32] [--repeats 20]
 
-Pieces (ms per decode step; the window figure is one automatic window, `AUTO_DECODE_WINDOW`
-steps, divided by its steps):
-    window      `decode_window`: forward, sampler, KV write and next input, every step in one call
+Pieces (ms per decode step; the multi_step figure is one automatic multi-step decode,
+`AUTO_DECODE_STEPS` steps in one call, divided by its steps):
+    multi_step  `multi_step_decode`: forward, sampler, KV write and next input, every step in one call
     matmuls     every layer's projections and the lm_head, no attention (the floor the
                 step cannot go under on this host)
     lm_head     the tied projection `[B, D] x [D, V]` alone
-    attention   the window's attention of one layer (`models.window_attention`), times the
-                layer count
-    open        gathering one layer's context for a window, times the layer count, over the steps
+    attention   the multi-step decode's attention of one layer (`models.multi_step_attention`),
+                times the layer count
+    open        gathering one layer's context for a multi-step decode, times the layer count,
+                over the steps
     paged       the per-step reader `decode_attention` of one layer, times the layer count
-                (what a window over the budget, or a single step, reads with)
+                (what a call over the budget, or a single step, reads with)
     kv_write    `write_kv` of one layer, times the layer count
     sampler     `sample_switched` on `[B, V]` float32 logits, greedy
 The weight-read floor (weight bytes over the read bandwidth measured in the same run) and
@@ -28,14 +29,14 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 
-from models import window_attention
+from models import multi_step_attention
 from models.attention import decode_attention, write_kv
 from benchmarks.bench import (Workload, least_time, matmul_flops_per_row, measure_matmul_flops,
                           measure_read_bandwidth)
-from models.decode_loop import DecodeState, RowSettings, decode_window
+from models.decode_loop import DecodeState, RowSettings, multi_step_decode
 from runner.device.loader import dummy_params
 from runner.device.model_runner import program_params
-from state.config import AUTO_DECODE_WINDOW
+from state.config import AUTO_DECODE_STEPS
 from models.sampler import sample_switched
 from state.batch import Batch, cdiv
 from models.kv_cache import KVCache
@@ -67,12 +68,13 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
         cache = tuple(KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh))) for _ in range(L))
         rows = RowSettings.greedy(jnp.arange(B * Nb, dtype=jnp.int32).reshape(B, Nb), V, 256)
         state = DecodeState.first(jnp.zeros(B, jnp.int32), jnp.full(B, context, jnp.int32), V, 256)
-        steps = AUTO_DECODE_WINDOW
-        window = jax.jit(lambda p, c, r, s: decode_window(p, c, r, s, jnp.int32(steps), cfg, "reference", steps, S),
+        steps = AUTO_DECODE_STEPS
+        decode = jax.jit(lambda p, c, r, s: multi_step_decode(p, c, r, s, jnp.int32(steps), cfg, "reference",
+                                                              steps, S),
                          donate_argnums=(1,))
 
-        def run_window(p, r, s, box=[cache]):
-            box[0], _, out = window(p, box[0], r, s)
+        def run_multi_step(p, r, s, box=[cache]):
+            box[0], _, out = decode(p, box[0], r, s)
             return out
 
         x = jnp.ones((B, cfg.hidden_size))
@@ -91,12 +93,12 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
                       slot_mapping=jnp.arange(B, dtype=jnp.int32) * Nb * S + context,
                       logits_indices=jnp.arange(B, dtype=jnp.int32), block_tables=rows.block_tables,
                       seq_lens=jnp.full(B, context + 1, jnp.int32))
-        one = KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh)))  # the window donates `cache`
+        one = KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh)))  # the multi-step decode donates `cache`
         unit = jnp.float32(1)
         paged = jax.jit(lambda q, c, b: decode_attention(q, c, b, unit, unit))
-        open_ = jax.jit(lambda c, t, s: window_attention.open_window(c, t, s, unit, unit))
+        open_ = jax.jit(lambda c, t, s: multi_step_attention.open_multi_step(c, t, s, unit, unit))
         opened = open_(one, rows.block_tables, batch.positions)
-        attend = jax.jit(lambda q, w, b: window_attention.paged_attention(q, w, b, unit, unit))
+        attend = jax.jit(lambda q, w, b: multi_step_attention.paged_attention(q, w, b, unit, unit))
         kv = jnp.ones((B, K, Dh))
         write = jax.jit(lambda c, k, s: write_kv(c, k, k, s, unit, unit), donate_argnums=(0,))
         written = KVCache(k=jnp.zeros((P, S, K, Dh)), v=jnp.zeros((P, S, K, Dh)))  # donated, step after step
@@ -109,7 +111,7 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
         meta = replace(rows.sampling, output_ids=state.output_ids)
         sampler = jax.jit(lambda l, m, wl: sample_switched(l, m, wl).token_ids)
         row = {"batch": B,
-               "window": _time(run_window, params, rows, state, repeats=max(repeats // 4, 3)) / steps,
+               "multi_step": _time(run_multi_step, params, rows, state, repeats=max(repeats // 4, 3)) / steps,
                "matmuls": _time(jax.jit(chain), params, x, head, repeats=repeats),
                "lm_head": _time(jax.jit(jnp.matmul), x, head, repeats=repeats),
                "attention": L * _time(attend, q, opened, batch, repeats=repeats),

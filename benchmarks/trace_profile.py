@@ -13,10 +13,10 @@ unless `--keep-hlo`):
     attention   KV writes and attention (`jax.named_scope("attention")` in `models.llama`)
     lm_head     the projection to the vocabulary (`compute_logits`)
     sampler     `sample_switched`
-    open        a decode window's context gather (`window_attention.open_window`)
+    open        a multi-step decode's context gather (`multi_step_attention.open_multi_step`)
     other       norms, RoPE, residuals, the loop's own bookkeeping
 
-The decode window's figures are per decode step; the general step's are per call. Unlike
+The multi-step decode's figures are per decode step; the general step's are per call. Unlike
 `decode_profile.py`, which times pieces jitted alone, this measures them inside the
 programs the engine runs, with their neighbours.
 """
@@ -53,7 +53,7 @@ from runner.device.loader import dummy_params  # noqa: E402
 from runner.sampling_params import SamplingParams  # noqa: E402
 from state.batch import cdiv  # noqa: E402
 
-PROGRAMS = {"jit__window_step": "decode window", "jit__general_step": "general step"}
+PROGRAMS = {"jit__multi_step": "multi-step decode", "jit__general_step": "general step"}
 
 
 def hlo_instructions(module: str) -> dict[str, str]:
@@ -91,7 +91,7 @@ def category(line: str, vocab_size: int) -> str:
     named = dots[0] if dots else line
     op = re.search(r'op_name="([^"]*)"', named)
     op = op.group(1) if op else ""
-    for scope, name in (("open_window", "open"), ("attention", "attention"), ("lm_head", "lm_head"),
+    for scope, name in (("open_multi_step", "open"), ("attention", "attention"), ("lm_head", "lm_head"),
                         ("sampler", "sampler")):
         if f"/{scope}/" in op:
             return name
@@ -152,7 +152,7 @@ def main() -> None:
         if not mine:
             continue
         share = attribute(mine, hlo_instructions(module), cfg.vocab_size)
-        per, unit = (steps, "per decode step") if module == "jit__window_step" else (1, "per call")
+        per, unit = (steps, "per decode step") if module == "jit__multi_step" else (1, "per call")
         total = sum(share.values()) / per / 1000
         parts = ", ".join(f"{k} {v / per / 1000:.2f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
         print(f"{title}: {total:.2f} ms {unit}: {parts}")

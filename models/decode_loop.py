@@ -5,16 +5,17 @@ and turns the sampled token into the next input, all inside `lax.while_loop`. St
 conditions are checked on the device: a row finishes on EOS or a stop token id (once it
 has `min_tokens` outputs) or when it reaches its output limit; a finished row writes
 nothing (slot -1) and samples nothing, and the loop ends as soon as every row is done.
-Stop strings need the detokenizer: the host checks them after the window and drops the
+Stop strings need the detokenizer: the host checks them after the call and drops the
 tokens past one.
 
-On the reference backend the window reads each row's blocks from the pages once, before
-the loop (`models.window_attention`), and every step attends over that copy: within a
-window the only keys that change are the ones the window writes itself.
+On the reference backend a multi-step decode reads each row's blocks from the pages once,
+before the loop (`models.multi_step_attention`), and every step attends over that copy:
+within one call the only keys that change are the ones its steps write themselves.
 
-`decode_window` is a pure function of (params, KV cache, decode state, row settings, cfg),
-so a user's own `jax.jit` code can call it; the shell picks how many steps to run. Seeded
-sampling folds in (seed, output index) only, so the tokens never depend on the window.
+`multi_step_decode` is a pure function of (params, KV cache, decode state, row settings,
+cfg), so a user's own `jax.jit` code can call it; the shell picks how many steps to run.
+Seeded sampling folds in (seed, output index) only, so the tokens never depend on how
+many steps one call runs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models import window_attention
+from models import multi_step_attention
 from models.llama import compute_logits, forward
 from models.sampler import SamplerOutput, SamplingMetadata, sample_switched, top_width
 from state.batch import Batch
@@ -56,9 +57,9 @@ class DecodeState:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class RowSettings:
-    """What stays fixed over a window, per row."""
+    """What stays fixed over a multi-step decode, per row."""
 
-    block_tables: Any  # [B, Nb] i32 blocks holding every slot the window may write
+    block_tables: Any  # [B, Nb] i32 blocks holding every slot the steps may write
     max_out: Any  # [B] i32 output limit: max_tokens, capped by max_model_len
     min_out: Any  # [B] i32 min_tokens: stop tokens are banned and ignored below it
     stop_ids: Any  # [B, Ls] i32 EOS (unless ignore_eos) and stop_token_ids, pad = -1
@@ -84,8 +85,8 @@ class RowSettings:
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class WindowOutput:
-    """The tokens of one window; entry [b, k] is row b's k-th token of the window."""
+class MultiStepOutput:
+    """The tokens of one multi-step decode; entry [b, k] is row b's k-th token of the call."""
 
     token_ids: Any  # [B, K] i32, -1 past the row's last token
     logprobs: Any  # [B, K] f32
@@ -142,10 +143,10 @@ def decode_step(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, s
     return kv_cache, new, sampled
 
 
-def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
-                  num_steps: jax.Array, cfg: ModelConfig, backend: str = "reference",
-                  max_steps: int = 16,
-                  block_size: int = 16) -> tuple[tuple[KVCache, ...], DecodeState, WindowOutput]:
+def multi_step_decode(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+                      num_steps: jax.Array, cfg: ModelConfig, backend: str = "reference",
+                      max_steps: int = 16,
+                      block_size: int = 16) -> tuple[tuple[KVCache, ...], DecodeState, MultiStepOutput]:
     """Run up to `num_steps` (<= `max_steps`, static) decode steps of every row.
 
     `block_size` is the cache's tokens per block (static; each backend lays its cache out
@@ -157,26 +158,26 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
     Returns:
         kv_cache: the cache with every step's keys and values written.
         state: the state after the last step (rows done at the end are marked so).
-        output: the window's tokens per row.
+        output: the steps' tokens per row.
     """
     B = state.token_ids.shape[0]
     k = top_width(cfg.vocab_size)
-    out = WindowOutput(token_ids=jnp.full((B, max_steps), -1, jnp.int32),
-                       logprobs=jnp.zeros((B, max_steps), jnp.float32),
-                       ranks=jnp.zeros((B, max_steps), jnp.int32),
-                       top_ids=jnp.zeros((B, max_steps, k), jnp.int32),
-                       top_logprobs=jnp.zeros((B, max_steps, k), jnp.float32),
-                       num_tokens=jnp.zeros(B, jnp.int32))
+    out = MultiStepOutput(token_ids=jnp.full((B, max_steps), -1, jnp.int32),
+                          logprobs=jnp.zeros((B, max_steps), jnp.float32),
+                          ranks=jnp.zeros((B, max_steps), jnp.int32),
+                          top_ids=jnp.zeros((B, max_steps, k), jnp.int32),
+                          top_logprobs=jnp.zeros((B, max_steps, k), jnp.float32),
+                          num_tokens=jnp.zeros(B, jnp.int32))
 
     # On the reference backend each layer's context is read from the pages once, before the
-    # loop (`models.window_attention`): within the window it never changes. A one-step
+    # loop (`models.multi_step_attention`): within the call it never changes. A one-step
     # program reads every block once either way, and the copy would only add to it.
-    opened = max_steps > 1 and backend == "reference" and window_attention.fits(kv_cache, rows.block_tables)
+    opened = max_steps > 1 and backend == "reference" and multi_step_attention.fits(kv_cache, rows.block_tables)
     if opened:
-        kv_cache = tuple(window_attention.open_window(c, rows.block_tables, state.positions,
-                                                      layer.k_scale, layer.v_scale)
+        kv_cache = tuple(multi_step_attention.open_multi_step(c, rows.block_tables, state.positions,
+                                                              layer.k_scale, layer.v_scale)
                          for c, layer in zip(kv_cache, params.layers))
-    step_backend = "reference_window" if opened else backend
+    step_backend = "reference_multi_step" if opened else backend
 
     def running(carry: tuple) -> jax.Array:
         k, _, state, _ = carry
@@ -188,7 +189,7 @@ def decode_window(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings,
         kv_cache, state, sampled = decode_step(params, kv_cache, rows, state, cfg, step_backend, block_size)
         column = jnp.where(live, k, max_steps)  # done rows: out of bounds, dropped
         rows_ = jnp.arange(B)
-        out = WindowOutput(
+        out = MultiStepOutput(
             token_ids=out.token_ids.at[rows_, column].set(sampled.token_ids, mode="drop"),
             logprobs=out.logprobs.at[rows_, column].set(sampled.logprobs, mode="drop"),
             ranks=out.ranks.at[rows_, column].set(sampled.ranks, mode="drop"),

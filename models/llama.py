@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models import attention, pallas_attention, window_attention
+from models import attention, multi_step_attention, pallas_attention
 from models.attention import AttentionSpec
 from models.moe import moe_mlp
 from models.rope import apply_rope, rope_tables
@@ -48,9 +48,9 @@ def _norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 # Attention backends by name: each owns its KV layout and offers write_kv and paged_attention.
-# "reference_window" is the reference backend inside a decode window: its per-layer cache is
-# a `window_attention.WindowKV` (the pages plus the window's context, read once).
-BACKENDS = {"reference": attention, "pallas": pallas_attention, "reference_window": window_attention}
+# "reference_multi_step" is the reference backend inside a multi-step decode: its per-layer
+# cache is a `multi_step_attention.MultiStepKV` (the pages plus each row's context, read once).
+BACKENDS = {"reference": attention, "pallas": pallas_attention, "reference_multi_step": multi_step_attention}
 
 
 def _attention_block(layer: LayerParams, x: jax.Array, cache: KVCache, batch: Batch,

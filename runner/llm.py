@@ -23,7 +23,7 @@ from runner.engine_args import EngineArgs
 from runner.formats.generation_config import default_sampling_params
 from runner.device.model_runner import ModelRunner
 from runner.engine.outputs import RequestOutput, request_output
-from runner.sampling_params import SamplingParams
+from runner.sampling_params import RequestOutputKind, SamplingParams
 from runner.engine.scheduler import Scheduler
 from runner.formats.tokenizer import Tokenizer
 from runner.device.warmup import WarmupReport, warmup
@@ -213,14 +213,25 @@ class LLM:
         prompts = inputs.prompt_list(prompts)
         params_list = inputs.sampling_list(
             self.get_default_sampling_params() if sampling_params is None else sampling_params, len(prompts))
-        encoded = [inputs.encode_prompt(i, p, self.tokenizer, self.config, self._why_no_tokenizer)
-                   for i, p in enumerate(prompts)]
-        params_list = [inputs.check_request(i, ids, p, self.config, self.scheduler, self.tokenizer,
-                                            self._max_logprobs)
-                       for i, ((_, ids), p) in enumerate(zip(encoded, params_list))]
+        for i, p in enumerate(params_list):
+            if p.output_kind is RequestOutputKind.DELTA:
+                raise ValueError(f"prompt {i}: SamplingParams.output_kind=DELTA streams pieces of a request; "
+                                 "LLM.generate returns finished requests (stream with runner.AsyncLLM)")
+        encoded = self.encode_prompts(prompts)
+        params_list = self.check_requests([ids for _, ids in encoded], params_list)
         groups = [self.engine.make_requests(ids, p) for (_, ids), p in zip(encoded, params_list)]
         self._run([r for group in groups for r in group], use_tqdm)
         return [request_output(text, ids, group) for (text, ids), group in zip(encoded, groups)]
+
+    def encode_prompts(self, prompts: list[inputs.Prompt]) -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) of each prompt, checked against the vocabulary and max_model_len."""
+        return [inputs.encode_prompt(i, p, self.tokenizer, self.config, self._why_no_tokenizer)
+                for i, p in enumerate(prompts)]
+
+    def check_requests(self, ids: list[list[int]], params: list[SamplingParams]) -> list[SamplingParams]:
+        """The engine's validated copy of each prompt's settings (`runner.inputs.check_request`)."""
+        return [inputs.check_request(i, t, p, self.config, self.scheduler, self.tokenizer, self._max_logprobs)
+                for i, (t, p) in enumerate(zip(ids, params))]
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,

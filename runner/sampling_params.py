@@ -40,7 +40,7 @@ def _is_number(value: object) -> bool:
 
 class RequestOutputKind(enum.Enum):
     """vLLM's output kinds. Offline generation returns finished requests, for which CUMULATIVE
-    and FINAL_ONLY mean the same; DELTA (streamed pieces) has no offline meaning."""
+    and FINAL_ONLY mean the same; DELTA (streamed pieces) is for `runner.AsyncLLM`."""
 
     CUMULATIVE = 0
     DELTA = 1
@@ -232,9 +232,8 @@ class SamplingParams:
     def _validate_compat(self) -> None:
         if self.best_of is not None and self.best_of != self.n:
             raise self._bad("best_of", f"None or n={self.n} (best-of-n ranking is not implemented)")
-        if not isinstance(self.output_kind, RequestOutputKind) or self.output_kind is RequestOutputKind.DELTA:
-            raise self._bad("output_kind", "RequestOutputKind.CUMULATIVE or FINAL_ONLY (offline generation "
-                                           "returns finished requests, not deltas)")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise self._bad("output_kind", "a RequestOutputKind: CUMULATIVE, DELTA (streamed by AsyncLLM) or FINAL_ONLY")
         if self.stream_interval is not None and (not _is_int(self.stream_interval) or self.stream_interval < 1):
             raise self._bad("stream_interval", "None or an int >= 1")
         if self.extra_args is not None and not isinstance(self.extra_args, Mapping):

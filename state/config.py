@@ -312,13 +312,12 @@ class CacheConfig:
         return self.kv_cache_dtype.startswith("fp8")
 
 
-# Longest automatic decode window. Each window pays once for its host round trip and, on the
-# reference backend, for gathering every row's context (`models.window_attention`): on W1
-# (2-core CPU) about 12 ms at batch 8 and 57 ms at batch 32, two steps' worth. Over 64 steps
-# in one process, 32-step windows ran 0.7 / 1.9 ms per step faster than 16-step ones at
-# batch 8 / 32 (about 5%), 64-step ones a further 0.5-2 ms, within this host's noise. A
-# prompt that arrives while a window runs waits for it, so the window stays at 32.
-AUTO_DECODE_WINDOW = 32
+# Most decode steps of an automatic multi-step decode. Each device call pays once for its
+# host round trip and, on the reference backend, for gathering every row's context
+# (`models.multi_step_attention`), so more steps per call spread that cost thinner; but a
+# prompt that arrives while a call runs waits for it, and past 32 steps the saving was
+# within the host's noise.
+AUTO_DECODE_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -330,9 +329,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = _f(Effect.RECOMPILE, 512, "tokens per step")
     enable_chunked_prefill: bool = _f(Effect.NONE, True, "split long prompts across steps")
     # The most steps is the static length of the loop's token buffers; how many of them a
-    # call runs is a dynamic argument, so every window length shares one program.
-    decode_window: int = _f(Effect.RECOMPILE, 0, "decode steps per device call; 0: automatic, "
-                            f"up to {AUTO_DECODE_WINDOW}; 1: one step per call")
+    # call runs is a dynamic argument, so every step count shares one program.
+    decode_steps: int = _f(Effect.RECOMPILE, 0, "decode steps per device call; 0: automatic, "
+                           f"up to {AUTO_DECODE_STEPS}; 1: one step per call")
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -340,15 +339,15 @@ class SchedulerConfig:
         _require(self.max_num_batched_tokens >= self.max_num_seqs, "SchedulerConfig",
                  "max_num_batched_tokens", f"{self.max_num_batched_tokens} must be at least "
                  f"max_num_seqs ({self.max_num_seqs}) so every running request can decode")
-        _require(is_int(self.decode_window) and self.decode_window >= 0, "SchedulerConfig", "decode_window",
-                 f"expected an int >= 0 (0: automatic), got {self.decode_window!r}")
+        _require(is_int(self.decode_steps) and self.decode_steps >= 0, "SchedulerConfig", "decode_steps",
+                 f"expected an int >= 0 (0: automatic), got {self.decode_steps!r}")
         _require(isinstance(self.enable_chunked_prefill, bool), "SchedulerConfig",
                  "enable_chunked_prefill", f"expected a bool, got {self.enable_chunked_prefill!r}")
 
     @property
     def max_decode_steps(self) -> int:
         """Decode steps one device call can run (the loop's static buffer length)."""
-        return self.decode_window or AUTO_DECODE_WINDOW
+        return self.decode_steps or AUTO_DECODE_STEPS
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ class ScheduledRequest:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    # Decode steps the single-token requests run in this step's device call (a window);
-    # their KV slots for all of them are reserved.
+    # Decode steps the single-token requests run in this step's device call (a multi-step
+    # decode when above 1); their KV slots for all of them are reserved.
     num_steps: int = 1
 
     @property

@@ -18,15 +18,15 @@ def test_trace_profile_names_every_stage_and_adds_up_to_the_program():
     assert done.returncode == 0, done.stderr[-3000:]
     programs = {}
     for line in done.stdout.splitlines():
-        m = re.match(r"(decode window|general step): ([\d.]+) ms per [\w ]+: (.*)$", line)
+        m = re.match(r"(multi-step decode|general step): ([\d.]+) ms per [\w ]+: (.*)$", line)
         if m:
             parts = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in m.group(3).split(", "))}
             programs[m.group(1)] = (float(m.group(2)), parts)
-    assert set(programs) == {"decode window", "general step"}, done.stdout
+    assert set(programs) == {"multi-step decode", "general step"}, done.stdout
     for total, parts in programs.values():
         # Side-by-side operations share their span: the stages add up to the program's time.
         assert abs(sum(parts.values()) - total) < 0.02 + 0.01 * total, (total, parts)
         # The named scopes reach the compiled program: each stage has operations of its own.
         assert {"weights", "lm_head", "attention", "sampler"} <= set(parts), parts
         assert parts["weights"] > 0 and parts["lm_head"] > 0 and parts["attention"] > 0
-    assert programs["decode window"][1].get("open", 0) > 0  # a window gathers its context once
+    assert programs["multi-step decode"][1].get("open", 0) > 0  # a multi-step decode gathers its context once

@@ -7,7 +7,7 @@ folders, plus the `pydoc_data` help topics, in sorted path order. Files whose pa
 (crc32) to 0 mod 20 are held out for evaluation. The tokenizer is a byte-level BPE trained
 with the `tokenizers` library on the training files (vocabulary 4096, `<|endoftext|>` = 0
 separates documents). The model is trained with Flax NNX and optax (AdamW, warm-up then
-cosine decay) on random 256-token windows, seed 0; the last lines of `TRAINING.md`, written
+cosine decay) on random 256-token spans, seed 0; the last lines of `TRAINING.md`, written
 by this script, record the steps, time and final losses of the committed weights.
 
 Reproducing the committed weights needs the same Python version (the corpus is its
@@ -101,14 +101,14 @@ def eval_loss(model: CausalLM, batch: jax.Array) -> jax.Array:
     return next_token_loss(model, batch)
 
 
-def windows(tokens: np.ndarray, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+def random_spans(tokens: np.ndarray, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
     starts = rng.integers(0, len(tokens) - length - 1, batch)
     return np.stack([tokens[s:s + length + 1] for s in starts])
 
 
 def held_out_loss(model: CausalLM, tokens: np.ndarray, length: int, batches: int = 8) -> float:
     rng = np.random.default_rng(1)
-    return float(np.mean([eval_loss(model, windows(tokens, rng, 8, length)) for _ in range(batches)]))
+    return float(np.mean([eval_loss(model, random_spans(tokens, rng, 8, length)) for _ in range(batches)]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     initial = held_out_loss(model, held_tokens, args.length)
     losses = []
     for step in range(1, args.steps + 1):
-        losses.append(float(train_step(model, optimizer, windows(train_tokens, rng, args.batch, args.length))))
+        losses.append(float(train_step(model, optimizer, random_spans(train_tokens, rng, args.batch, args.length))))
         if step % 100 == 0 or step == args.steps:
             print(f"step {step}: train loss {np.mean(losses[-100:]):.3f} "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)

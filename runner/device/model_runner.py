@@ -4,10 +4,11 @@ The jitted functions below are the whole device program. They take every array a
 argument (weights are never closed over, so a weight swap cannot recompile) and the KV
 cache is donated (updated in place). Two programs serve a step: the general step (forward
 of prefills and chunks, then sampling of the rows that finish their known tokens) and the
-decode window (`models.decode_loop`: up to K decode steps with sampling inside). Sampling
+multi-step decode (`models.decode_loop`: up to K decode steps with sampling inside). Sampling
 sits in the same program as the forward: the sampler's stages are switched on the device
 (`sample_switched`), so its switches add no compilations, and no hidden state or logits
-cross a program boundary. On W1 at batch 1 a separate sampler program cost ~4 ms a step.
+cross a program boundary (a separate sampler program would add a call and a logits round
+trip to every step).
 
 The programs read the record's weights through `program_params`: the same tree, except
 that on CPU a tied model's projection comes from a `[D, V]` copy of the embedding, made
@@ -26,8 +27,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from models.llama import compute_logits, forward
 from runner.device import lifecycle, sharding
-from models.decode_loop import DecodeState, RowSettings, WindowOutput, decode_window, step_metadata
-from runner.device.prepare import BucketSizes, prepare_batch, prepare_rows, prepare_state, window_block_tables
+from models.decode_loop import DecodeState, MultiStepOutput, RowSettings, multi_step_decode, step_metadata
+from runner.device.prepare import (BucketSizes, multi_step_block_tables, prepare_batch, prepare_rows,
+                                   prepare_state)
 from models.sampler import SamplerOutput, prompt_logprobs, sample_switched
 from runner.engine.scheduler import SchedulerOutput
 from state.batch import Batch, bucket
@@ -68,11 +70,11 @@ def _general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, r
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "max_steps", "block_size", "kv_shardings",
                                              "out_sharding"),
                    donate_argnames=("kv_cache",))
-def _window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
-                 num_steps: jax.Array, cfg: ModelConfig, backend: str, max_steps: int, block_size: int,
-                 kv_shardings: Any, out_sharding: Any) -> tuple[WindowOutput, tuple[KVCache, ...]]:
-    kv_cache, _, out = decode_window(params, kv_cache, rows, state, num_steps, cfg, backend, max_steps,
-                                     block_size)
+def _multi_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+                num_steps: jax.Array, cfg: ModelConfig, backend: str, max_steps: int, block_size: int,
+                kv_shardings: Any, out_sharding: Any) -> tuple[MultiStepOutput, tuple[KVCache, ...]]:
+    kv_cache, _, out = multi_step_decode(params, kv_cache, rows, state, num_steps, cfg, backend, max_steps,
+                                         block_size)
     return _constrain(out, out_sharding), _keep_shardings(kv_cache, kv_shardings)
 
 
@@ -103,24 +105,24 @@ def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cf
 def general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, rows: RowSettings,
                  state: DecodeState, cfg: ModelConfig, backend: str) -> tuple[Any, jax.Array, Any]:
     """Forward of a general batch and the sampled next token of each of its `rows`:
-    (sampled, replicated like `window_step`'s tokens; hidden [T, D]; the donated cache)."""
+    (sampled, replicated like `multi_step`'s tokens; hidden [T, D]; the donated cache)."""
     return _general_step(params, kv_cache, batch, rows, state, cfg=cfg, backend=backend,
                          kv_shardings=_named_shardings(kv_cache), out_sharding=_replicated_like(params))
 
 
-def window_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
-                num_steps: int, cfg: ModelConfig, backend: str, max_steps: int,
-                block_size: int) -> tuple[Any, Any]:
+def multi_step(params: Params, kv_cache: tuple[KVCache, ...], rows: RowSettings, state: DecodeState,
+               num_steps: int, cfg: ModelConfig, backend: str, max_steps: int,
+               block_size: int) -> tuple[Any, Any]:
     """Up to `num_steps` decode steps (one program for every `num_steps <= max_steps`):
-    (the window's tokens, replicated on every device of the weights' mesh so that every
+    (the steps' tokens, replicated on every device of the weights' mesh so that every
     process can read them back; the donated cache)."""
-    return _window_step(params, kv_cache, rows, state, np.int32(num_steps), cfg=cfg, backend=backend,
-                        max_steps=max_steps, block_size=block_size, kv_shardings=_named_shardings(kv_cache),
-                        out_sharding=_replicated_like(params))
+    return _multi_step(params, kv_cache, rows, state, np.int32(num_steps), cfg=cfg, backend=backend,
+                       max_steps=max_steps, block_size=block_size, kv_shardings=_named_shardings(kv_cache),
+                       out_sharding=_replicated_like(params))
 
 
 def prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array, logit_cap: float | None):
-    """Prompt log-probabilities of every scheduled token, replicated like `window_step`'s tokens.
+    """Prompt log-probabilities of every scheduled token, replicated like `multi_step`'s tokens.
     `logit_cap`: the model's `final_logit_softcapping`."""
     return _prompt_logprobs_step(params, hidden, next_ids, logit_cap=logit_cap,
                                  out_sharding=_replicated_like(params))
@@ -136,9 +138,7 @@ def program_params(params: Params) -> Params:
 
     On CPU a tied model's projection also gets a `[D, V]` copy of the embedding as its
     `lm_head`: XLA's CPU dot reads `[B, D] x [D, V]` faster than the embedding's own
-    `[B, D] x [V, D]` contraction. On W1 (V = 32000, D = 512) the projection alone took
-    1.9 / 3.9 / 7.6 ms against 2.7 / 5.5 / 9.6 ms at batch 1 / 8 / 32, and 16-step decode
-    windows ran 3% / 10% / 4% faster. The copy costs V x D more weight memory. On GPUs the
+    `[B, D] x [V, D]` contraction. The copy costs V x D more weight memory. On GPUs the
     matrix units take either layout and the tree is used as it is.
     """
     if params.lm_head is not None or next(iter(params.embed.devices())).platform != "cpu":
@@ -146,13 +146,14 @@ def program_params(params: Params) -> Params:
     return replace(params, lm_head=_transposed(params.embed))
 
 
-def window_program(config: RunnerConfig, num_steps: int) -> int:
-    """The static length (`max_steps`) of the program that runs a window of `num_steps`.
+def multi_step_program(config: RunnerConfig, num_steps: int) -> int:
+    """The static length (`max_steps`) of the program that runs `num_steps` decode steps
+    in one call.
 
-    One-step windows (between prefill chunks, or with `decode_window=1`) run their own
-    program: on the reference backend a longer window first copies every row's blocks
-    (`models.window_attention`), which only pays over several steps. On W1 at batch 32 a
-    one-step call took 47 ms without the copy and 85-95 ms with it.
+    One-step calls (between prefill chunks, or with `decode_steps=1`) run their own
+    program: on the reference backend a multi-step decode first copies every row's blocks
+    (`models.multi_step_attention`), which only pays over several steps; a single step
+    would pay for the copy and then read it once.
     """
     return 1 if num_steps == 1 else config.scheduler_config.max_decode_steps
 
@@ -178,7 +179,7 @@ def _replicated_like(params: Params) -> NamedSharding | None:
 @dataclass(frozen=True)
 class SequenceResult:
     """What one step computed for one scheduled request, as host values (the engine's
-    `update` turns them into outputs): one token, or a decode window's tokens."""
+    `update` turns them into outputs): one token, or a multi-step decode's tokens."""
 
     token_ids: tuple[int, ...] = ()  # in order; empty when the step only advanced a prompt chunk
     logprobs: tuple[float, ...] = ()
@@ -267,10 +268,10 @@ class ModelRunner:
         return sampled, hidden
 
     def run_decode(self, rows: RowSettings, state: DecodeState, num_steps: int) -> Any:
-        """A decode window of `num_steps`; the record takes the updated (donated) cache."""
+        """`num_steps` decode steps in one call; the record takes the updated (donated) cache."""
         config = self._state.config
-        out, _ = self._donating(window_step, rows, state, num_steps, config.model_config.for_compile(),
-                                config.cache_config.attention_backend, window_program(config, num_steps),
+        out, _ = self._donating(multi_step, rows, state, num_steps, config.model_config.for_compile(),
+                                config.cache_config.attention_backend, multi_step_program(config, num_steps),
                                 config.cache_config.block_size)
         return out
 
@@ -306,14 +307,14 @@ class ModelRunner:
 
     def execute_model(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         """Run one scheduled step: write its KV, sample the next token of finished prefills
-        and decodes (a window of `out.num_steps` tokens for decodes), gather requested
+        and decodes (`out.num_steps` tokens in one call for decodes), gather requested
         log-probabilities. Returns results by request id.
 
         Chunks `in_decode_program` (decodes; not prompt positions whose logprobs are wanted)
-        run through the decode window, the rest through the general batch. The general batch's
-        masked attention costs its tokens times every key it lists; keeping decode contexts
-        out of it is worth reading the weights twice (measured on W1 at batch 32: mixed
-        steps 4x cheaper). Both shapes are ones the warm-up compiles already, and each
+        run through the multi-step decode, the rest through the general batch. The general
+        batch's masked attention costs its tokens times every key it lists; keeping decode
+        contexts out of it is worth reading the weights twice. Both shapes are ones the
+        warm-up compiles already, and each
         sequence's computation is the same either way.
 
         The general batch runs first: a one-token chunk may read prompt blocks that a
@@ -325,7 +326,7 @@ class ModelRunner:
         rest = [s for s in out.scheduled if s not in decodes]
         results = self._execute_general(SchedulerOutput(rest)) if rest else {}
         if decodes:
-            results.update(self._execute_window(SchedulerOutput(decodes, out.num_steps)))
+            results.update(self._execute_multi_step(SchedulerOutput(decodes, out.num_steps)))
         return results
 
     def _tables(self) -> tuple[int, int, int]:
@@ -334,16 +335,16 @@ class ModelRunner:
         max_len = config.scheduler_config.max_model_len
         return config.model_config.vocab_size, bucket(max_len), max_len
 
-    def _execute_window(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
+    def _execute_multi_step(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         V, width, max_len = self._tables()
-        tables = window_block_tables(out, blocks_per_seq(self._state.config))
+        tables = multi_step_block_tables(out, blocks_per_seq(self._state.config))
         B = tables.shape[0]
         rows = prepare_rows(out, B, V, width, max_len, tables)
-        window = self.run_decode(rows, prepare_state(out, B, V, width), out.num_steps)
+        steps = self.run_decode(rows, prepare_state(out, B, V, width), out.num_steps)
         # Read back what the host needs only: the top entries exist when some row asked.
         wants = any(s.request.sampling_params.logprobs is not None for s in out.scheduled)
-        host = jax.device_get((window.token_ids, window.logprobs, window.num_tokens)
-                              + ((window.ranks, window.top_ids, window.top_logprobs) if wants else ()))
+        host = jax.device_get((steps.token_ids, steps.logprobs, steps.num_tokens)
+                              + ((steps.ranks, steps.top_ids, steps.top_logprobs) if wants else ()))
         token_ids, logprobs, num_tokens = host[:3]
         results = {}
         for i, s in enumerate(out.scheduled):

@@ -84,12 +84,12 @@ def _decode_batch(out: SchedulerOutput, block_size: int) -> tuple[Batch, BucketS
     return batch, BucketSizes(B, Nb, B)
 
 
-def window_block_tables(out: SchedulerOutput, max_blocks: int | None = None) -> np.ndarray:
+def multi_step_block_tables(out: SchedulerOutput, max_blocks: int | None = None) -> np.ndarray:
     """[B, Nb] every block each decoding request holds: the scheduler reserved the slots of
-    the whole window. Nb is a power of two capped at `max_blocks`, the blocks one request
-    of `max_model_len` tokens holds: decode attention reads all Nb blocks of every row, so
-    a bucket past what any request can hold would only add masked keys (on W1, whose
-    192-token requests hold 12 blocks, a quarter of every decode attention read)."""
+    all the decode steps of the call. Nb is a power of two capped at `max_blocks`, the
+    blocks one request of `max_model_len` tokens holds: decode attention reads all Nb
+    blocks of every row, so a bucket past what any request can hold would only add masked
+    keys."""
     B = bucket(len(out.scheduled), MIN_DECODE_BUCKET)
     rows = [s.request.block_ids for s in out.scheduled] + [[]] * (B - len(out.scheduled))
     longest = max((len(r) for r in rows), default=1)
@@ -106,7 +106,7 @@ def _pad_rows(rows: list[list[int]], fill: int, dtype: type, width: int | None =
 
 def prepare_rows(out: SchedulerOutput, num_seqs: int, vocab_size: int, history_width: int,
                  max_model_len: int, block_tables: np.ndarray) -> RowSettings:
-    """Per-row settings of a step or a decode window, padded to `num_seqs` rows.
+    """Per-row settings of a step or a multi-step decode, padded to `num_seqs` rows.
 
     Every sampler field is set, whatever the rows ask for (no bias: ids past the
     vocabulary; no penalty: 0, 0, 1), so one program serves every mix of requests.

@@ -2,14 +2,14 @@
 
 The shapes a step can have are known from the config alone (see `state.batch`):
 
-    general step   T in buckets(max_num_batched_tokens), N in buckets(KV blocks), with
-                   the N a batch of T tokens can actually need (at least T/2 tokens
-                   means at least T/(2*block_size) blocks); sampling is inside, its stages
-                   switched on the device, so sampler settings add no programs
-    decode window  B in buckets(max_num_seqs), Nb in buckets(blocks per sequence); one
-                   program for one-step windows and one for every longer window up to
-                   `max_decode_steps` (`runner.device.model_runner.window_program`)
-    prompt logprobs  T in the general step's buckets
+    general step       T in buckets(max_num_batched_tokens), N in buckets(KV blocks), with
+                       the N a batch of T tokens can actually need (at least T/2 tokens
+                       means at least T/(2*block_size) blocks); sampling is inside, its
+                       stages switched on the device, so sampler settings add no programs
+    multi-step decode  B in buckets(max_num_seqs), Nb in buckets(blocks per sequence); one
+                       program for one-step calls and one for every call of more steps, up
+                       to `max_decode_steps` (`runner.device.model_runner.multi_step_program`)
+    prompt logprobs    T in the general step's buckets
 
 Each is run once on an all-padding input that writes nothing to the cache. Requests with
 more than `MIN_TABLE_WIDTH` logit_bias entries or stop tokens use programs compiled on
@@ -35,7 +35,7 @@ from models.kv_cache import blocks_per_seq
 @dataclass(frozen=True)
 class WarmupReport:
     num_forward_shapes: int  # general steps
-    num_decode_shapes: int  # decode windows
+    num_decode_shapes: int  # multi-step decodes
     num_compilations: int
     seconds: float
 
@@ -53,7 +53,7 @@ def general_shapes(config: RunnerConfig, num_blocks: int) -> Iterator[tuple[int,
 
 
 def decode_shapes(config: RunnerConfig) -> Iterator[tuple[int, int]]:
-    """(B, Nb) of every decode window."""
+    """(B, Nb) of every multi-step decode."""
     for B in buckets_up_to(config.scheduler_config.max_num_seqs, MIN_DECODE_BUCKET):
         for Nb in buckets_up_to(blocks_per_seq(config), capped=True):
             yield B, Nb

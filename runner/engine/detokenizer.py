@@ -1,6 +1,6 @@
 """Incremental detokenization: a request's text grows by what each new token adds.
 
-Each step decodes only a short window of the newest tokens (from `prefix` on, compared
+Each step decodes only a short span of the newest tokens (from `prefix` on, compared
 with the text of `prefix:read`), so a step costs the same at the first token and at the
 thousandth. Bytes of an incomplete UTF-8 sequence (a token holding half a character)
 decode to U+FFFD: they are held back until a later token completes them, and dropped if
@@ -23,7 +23,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
-        self._prefix = 0  # first token of the decoding window
+        self._prefix = 0  # first token of the span each step decodes
         self._read = 0  # tokens whose text is in `text`
         self.text = ""
 
@@ -36,7 +36,7 @@ class IncrementalDetokenizer:
         return grown
 
     def _advance(self) -> int:
-        # Decoding a window rather than one token keeps word-boundary spaces right: many
+        # Decoding a span rather than one token keeps word-boundary spaces right: many
         # tokenizers drop a token's leading space when it is decoded alone.
         before = self._decode(self._ids[self._prefix:self._read])
         after = self._decode(self._ids[self._prefix:])

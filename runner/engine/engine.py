@@ -111,7 +111,7 @@ def update(scheduler: Scheduler, out: SchedulerOutput, results: dict[str, Sequen
            tokenizer: Tokenizer | None = None) -> list[Request]:
     """Write one step's results into its requests; returns those that finished.
 
-    A decode window brings several tokens per request: they are taken in order, each
+    A multi-step decode brings several tokens per request: they are taken in order, each
     checked as if it came alone, and those after the one that finishes are dropped (their
     KV is never read again).
 

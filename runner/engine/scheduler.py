@@ -10,9 +10,10 @@ and none is free, the most recently admitted request is preempted: its blocks ar
 its progress reset to zero, and it goes back to the front of the queue with its outputs
 kept.
 
-When every running request decodes, a step is a decode window of `num_steps` tokens per
-request (see `_window`): the KV slots of the whole window are reserved up front, and a
-request that ends early returns them with the rest of its blocks when it finishes.
+When every running request decodes, a step is a multi-step decode of `num_steps` tokens
+per request in one device call (see `_num_decode_steps`): the KV slots of all the steps
+are reserved up front, and a request that ends early returns them with the rest of its
+blocks when it finishes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
     num_cached_prompt_tokens: int = 0  # of those, served from the prefix cache
-    num_computed_tokens: int = 0  # positions run through the model (a window's: those kept)
+    num_computed_tokens: int = 0  # positions run through the model (a multi-step decode's: those kept)
 
 
 class Scheduler:
@@ -48,6 +49,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        # Most decode steps one device call may run; None: no cap. A streaming front end
+        # sets it from the measured time per step, so that no call outlasts its budget.
+        self.step_cap: int | None = None
 
     @property
     def block_size(self) -> int:
@@ -96,7 +100,7 @@ class Scheduler:
     # -- one step ----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(num_steps=self._window())
+        out = SchedulerOutput(num_steps=self._num_decode_steps())
         budget = self.max_num_batched_tokens
         for request in list(self.running):
             if budget == 0:
@@ -104,12 +108,12 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            ahead = n if n > 1 else self.window_tokens(request, out.num_steps)
+            ahead = n if n > 1 else self.decode_step_tokens(request, out.num_steps)
             if not self._reserve(request, request.num_computed_tokens + ahead, out):
                 continue  # the request preempted itself
             out.scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
             budget -= n
-        # No admission into a window: a one-token prefill would run the window's steps on
+        # No admission into a multi-step decode: a one-token prefill would run its steps on
         # slots nobody reserved (a request preempted above waits for the next step).
         written: dict[bytes, int] | None = None
         while self.waiting and out.num_steps == 1 and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -130,17 +134,17 @@ class Scheduler:
         self.stats.num_steps += 1
         return out
 
-    def _window(self) -> int:
+    def _num_decode_steps(self) -> int:
         """Decode steps for this step's device call.
 
         One step while a prompt chunk runs or a waiting prompt can be admitted (its
-        prefill should not wait for a window). Otherwise the configured window, or with
-        `decode_window=0` the automatic one: `AUTO_DECODE_WINDOW` steps, cut to end when
-        the first running request reaches its length limit if a prompt waits for its
-        sequence slot. Halved until the window's KV slots fit the free blocks, so a tight
-        pool shortens windows before it preempts.
+        prefill should not wait for a multi-step decode). Otherwise the configured
+        `decode_steps`, or with `decode_steps=0` the automatic count: `AUTO_DECODE_STEPS`,
+        cut to end when the first running request reaches its length limit if a prompt
+        waits for its sequence slot; at most `step_cap`. Halved until the steps' KV slots
+        fit the free blocks, so a tight pool runs fewer steps per call before it preempts.
         """
-        steps = self.config.scheduler_config.max_decode_steps
+        steps = min(self.config.scheduler_config.max_decode_steps, self.step_cap or 2**31)
         if steps == 1 or not self.running:
             return 1
         if any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running):
@@ -148,9 +152,9 @@ class Scheduler:
         if self.waiting:
             if len(self.running) < self.max_num_seqs:
                 return 1
-            if self.config.scheduler_config.decode_window == 0:
+            if self.config.scheduler_config.decode_steps == 0:
                 steps = min(steps, min(self._remaining(r) for r in self.running))
-        while steps > 1 and self._window_blocks(steps) > self.pool.num_free_blocks:
+        while steps > 1 and self._decode_step_blocks(steps) > self.pool.num_free_blocks:
             steps //= 2
         return steps
 
@@ -159,12 +163,12 @@ class Scheduler:
         limit = min(request.sampling_params.max_tokens, self.max_model_len - len(request.prompt_token_ids))
         return max(limit - len(request.output_token_ids), 1)
 
-    def window_tokens(self, request: Request, num_steps: int) -> int:
-        """KV positions a decoding `request` may write in a window of `num_steps`."""
+    def decode_step_tokens(self, request: Request, num_steps: int) -> int:
+        """KV positions a decoding `request` may write in `num_steps` decode steps."""
         return min(num_steps, self._remaining(request))
 
-    def _window_blocks(self, num_steps: int) -> int:
-        return sum(max(self._blocks_for(r.num_computed_tokens + self.window_tokens(r, num_steps))
+    def _decode_step_blocks(self, num_steps: int) -> int:
+        return sum(max(self._blocks_for(r.num_computed_tokens + self.decode_step_tokens(r, num_steps))
                        - len(r.block_ids), 0) for r in self.running)
 
     def _blocks_written(self, scheduled: Iterable[ScheduledRequest]) -> dict[bytes, int]:
@@ -264,7 +268,7 @@ class Scheduler:
     def advance(self, s: ScheduledRequest, num_tokens: int = 1) -> None:
         """Count a computed step of `s.request` and offer its full blocks to the prefix cache.
 
-        A decode window computes `num_tokens` positions from `s.start` (one per token it
+        A multi-step decode computes `num_tokens` positions from `s.start` (one per token it
         kept); other steps compute `s.num_tokens`.
         """
         request = s.request

@@ -52,7 +52,7 @@ _CALL_STEPS = 16
 # Characters built: every string, list and dict that an operator, literal, slice, filter or method
 # makes, counted as it would print (`_size`), and every buffer joined, the prompt included. Real
 # templates build 3 to 9 times their prompt (each `+` copies it), so prompts of ~4 Mi characters
-# (~1M tokens, past any context window) render; copying 32 Mi characters takes well under a second.
+# (~1M tokens, past any model's context length) render; copying 32 Mi characters takes well under a second.
 MAX_RENDER_CHARS = 1 << 25
 # What an item of a list or dict costs against MAX_RENDER_CHARS: filters walk lists item by item in
 # Python, a hundred times slower than copying a character, so at 64 an item no one filter over the

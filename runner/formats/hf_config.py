@@ -171,8 +171,8 @@ def _reject_unimplemented(hf: Mapping[str, Any], architecture: str) -> None:
     if hf.get("attention_bias") and architecture != "Qwen2ForCausalLM":
         problems.append("attention_bias=true")
     layer_types = hf.get("layer_types") or []
-    # Sliding layers are served as full attention, which is exact only while the window
-    # covers max_model_len: RunnerConfig checks `sliding_window` against it.
+    # The layer types served: sliding layers attend within `sliding_window`
+    # (`ModelConfig.window`), full ones over every earlier position; others are refused.
     if not isinstance(layer_types, list):
         problems.append(f"layer_types={layer_types!r} (expected a list of 'full_attention')")
     elif any(t not in ("full_attention", "sliding_attention") for t in layer_types):

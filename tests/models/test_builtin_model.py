@@ -9,25 +9,25 @@ import numpy as np
 from tools.train_builtin import corpus
 from runner import LLM, SamplingParams
 
-WINDOW = 192
+SPAN = 192
 
 
-def _perplexity(llm: LLM, windows: list[list[int]]) -> float:
+def _perplexity(llm: LLM, spans: list[list[int]]) -> float:
     """exp(mean negative log-likelihood) of every token after the first, from prompt logprobs."""
-    outs = llm.generate([{"prompt_token_ids": w} for w in windows],
+    outs = llm.generate([{"prompt_token_ids": w} for w in spans],
                         SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    nll = [-entry[token].logprob for out, w in zip(outs, windows)
+    nll = [-entry[token].logprob for out, w in zip(outs, spans)
            for entry, token in zip(out.prompt_logprobs[1:], w[1:])]
     return math.exp(float(np.mean(nll)))
 
 
 def test_builtin_perplexity_is_far_below_a_random_model():
-    trained = LLM(max_model_len=WINDOW + 8, num_kv_blocks=64)
+    trained = LLM(max_model_len=SPAN + 8, num_kv_blocks=64)
     _, held_out = corpus()
     tokens = trained.get_tokenizer().encode("\n".join(held_out[:6]))
-    windows = [tokens[i:i + WINDOW] for i in range(0, 4 * WINDOW, WINDOW)]
-    ours = _perplexity(trained, windows)
-    random = _perplexity(LLM(max_model_len=WINDOW + 8, num_kv_blocks=64, load_format="dummy"), windows)
+    spans = [tokens[i:i + SPAN] for i in range(0, 4 * SPAN, SPAN)]
+    ours = _perplexity(trained, spans)
+    random = _perplexity(LLM(max_model_len=SPAN + 8, num_kv_blocks=64, load_format="dummy"), spans)
     print(f"held-out perplexity: built-in {ours:.1f}, random weights of the same shape {random:.1f}")
     assert ours < 80 and random > 10 * ours
 

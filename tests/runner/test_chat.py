@@ -167,7 +167,7 @@ def test_real_templates_render_as_transformers_does(name, conversation, tools, v
 
 @pytest.mark.parametrize("name, conversation, tools, variables", REAL.values(), ids=REAL.keys())
 def test_real_templates_render_long_conversations(name, conversation, tools, variables, reference):
-    """Past what a context window holds (2000 turns, 2 M characters), real templates stay well within
+    """Past what any model's context holds (2000 turns, 2 M characters), real templates stay well within
     the limits (MAX_RENDER_SECONDS included)."""
     head = [m for m in conversation if m["role"] == "system"]
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} " + "word " * 200}

@@ -74,7 +74,7 @@ OTHER_VALUES: dict[str, object] = {
     "scheduler_config.max_num_seqs": 4,
     "scheduler_config.max_num_batched_tokens": 256,
     "scheduler_config.enable_chunked_prefill": False,
-    "scheduler_config.decode_window": 4,
+    "scheduler_config.decode_steps": 4,
     "parallel_config.tensor_parallel_size": 2,
     "parallel_config.data_parallel_size": 2,
 }

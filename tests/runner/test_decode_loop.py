@@ -1,8 +1,8 @@
-"""The decode loop on the device: windows of K decode steps give exactly what K = 1 gives.
+"""The decode loop on the device: K decode steps in one call give exactly what K = 1 gives.
 
-Every SamplingParams feature is run with `decode_window=1` (one step per device call) and
-with the automatic window; tokens and finish reasons must be identical, greedy tokens equal
-transformers', and every block comes back to the pool.
+Every SamplingParams feature is run with `decode_steps=1` (one step per device call) and
+with the automatic step count; tokens and finish reasons must be identical, greedy tokens
+equal transformers', and every block comes back to the pool.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from runner import LLM, SamplingParams
 from runner.engine import engine as engine_module
 from runner.device.compilation import CompileCounter
-from models.decode_loop import DecodeState, RowSettings, decode_window
+from models.decode_loop import DecodeState, RowSettings, multi_step_decode
 from runner.device.model_runner import SequenceResult
-from runner.device.prepare import prepare_rows, prepare_state, window_block_tables
+from runner.device.prepare import multi_step_block_tables, prepare_rows, prepare_state
 from runner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from runner.formats.tokenizer import Tokenizer
 from state.config import CacheConfig, ModelConfig, RunnerConfig, SchedulerConfig
@@ -56,7 +56,7 @@ def make_llm(checkpoint):
 
 @pytest.fixture(scope="module")
 def one_step(make_llm):
-    return make_llm(decode_window=1)
+    return make_llm(decode_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def completions(llm: LLM, prompts: list[list[int]], params) -> list[list[tuple]]
              for c in o.outputs] for o in outs]
 
 
-def window_lengths(llm: LLM, monkeypatch) -> list[int]:
-    """Record the window length of every step `llm` schedules from now on."""
+def step_counts(llm: LLM, monkeypatch) -> list[int]:
+    """Record the decode steps per call of every step `llm` schedules from now on."""
     seen, real = [], llm.scheduler.schedule
 
     def spy():
@@ -116,31 +116,31 @@ FEATURES = {
 
 
 @pytest.mark.parametrize("name", FEATURES)
-def test_window_equals_one_step_per_call(name, one_step, auto, monkeypatch):
+def test_multi_step_decode_equals_one_step_per_call(name, one_step, auto, monkeypatch):
     params = FEATURES[name]
     expected = completions(one_step, PROMPTS, params)
-    seen = window_lengths(auto, monkeypatch)
+    seen = step_counts(auto, monkeypatch)
     got = completions(auto, PROMPTS, params)
     assert got == expected
-    assert max(seen) > 1  # the automatic window did run several steps per call
+    assert max(seen) > 1  # the automatic step count did run several steps per call
 
 
-def test_stop_strings_end_mid_window_and_drop_the_tokens_after(one_step, auto, monkeypatch):
+def test_stop_strings_end_mid_multi_step_decode_and_drop_the_tokens_after(one_step, auto, monkeypatch):
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     plain = one_step.generate([ids(PROMPTS[1])], greedy, use_tqdm=False)[0].outputs[0]
     stop = plain.text[6:8]
     assert stop and "\ufffd" not in stop
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
     expected = completions(one_step, [PROMPTS[1]], params)
-    seen = window_lengths(auto, monkeypatch)
+    seen = step_counts(auto, monkeypatch)
     got = completions(auto, [PROMPTS[1]], params)
     assert got == expected
     (tokens, reason, stop_reason, text, _, _), = got[0]
     assert (reason, stop_reason) == ("stop", stop) and len(tokens) < 24 and stop not in text
-    assert max(seen) > len(tokens) - 1  # the window ran past the stop string
+    assert max(seen) > len(tokens) - 1  # the call ran steps past the stop string
 
 
-def test_greedy_windows_equal_transformers(auto, checkpoint):
+def test_greedy_multi_step_decodes_equal_transformers(auto, checkpoint):
     model = checkpoint[1]
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     outs = auto.generate([ids(p) for p in PROMPTS], params, use_tqdm=False)
@@ -151,8 +151,8 @@ def test_greedy_windows_equal_transformers(auto, checkpoint):
         assert out.outputs[0].token_ids == hf
 
 
-def test_requests_finishing_mid_window_and_arriving_late_equal_each_alone(make_llm, one_step, auto):
-    """Different max_tokens end requests at every point of a window; then requests arrive
+def test_requests_finishing_mid_multi_step_decode_and_arriving_late_equal_each_alone(make_llm, one_step, auto):
+    """Different max_tokens end requests at every step of a call; then requests arrive
     (a second call on the same engine state) while earlier ones still decode, through the
     engine's own add/step interface."""
     params = [SamplingParams(temperature=0.8, seed=i, max_tokens=m, ignore_eos=True)
@@ -174,26 +174,26 @@ def test_requests_finishing_mid_window_and_arriving_late_equal_each_alone(make_l
     assert_idle(auto)
 
 
-def test_tight_pool_preempts_during_long_windows_and_equals_each_alone(make_llm, one_step, monkeypatch):
-    """Six requests of up to 16 blocks each in 24 blocks: windows shrink, requests are
+def test_tight_pool_preempts_during_long_multi_step_decodes_and_equals_each_alone(make_llm, one_step, monkeypatch):
+    """Six requests of up to 16 blocks each in 24 blocks: calls run fewer steps, requests are
     preempted and recomputed, and every output equals the request run alone."""
     tight = make_llm(num_kv_blocks=24)
     params = [SamplingParams(temperature=0.9, seed=20 + i, max_tokens=40, ignore_eos=True) for i in range(6)]
     alone = [one_step.generate([ids(p)], sp, use_tqdm=False)[0].outputs[0].token_ids
              for p, sp in zip(PROMPTS, params)]
-    seen = window_lengths(tight, monkeypatch)
+    seen = step_counts(tight, monkeypatch)
     outs = tight.generate([ids(p) for p in PROMPTS], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone
     assert tight.scheduler.stats.num_preemptions > 0 and max(seen) > 1
     assert_idle(tight)
 
 
-def test_no_compilation_after_warmup_across_window_lengths(make_llm, monkeypatch):
-    # Two sequence slots for up to six requests: a waiting request cuts windows to end when
-    # the first running one reaches its length, so windows of many lengths run.
+def test_no_compilation_after_warmup_across_step_counts(make_llm, monkeypatch):
+    # Two sequence slots for up to six requests: a waiting request cuts a call's steps to
+    # end when the first running one reaches its length, so many step counts run.
     llm = make_llm(num_kv_blocks=40, max_num_seqs=2, max_num_batched_tokens=32, max_model_len=48)
     llm.warmup()
-    seen = window_lengths(llm, monkeypatch)
+    seen = step_counts(llm, monkeypatch)
     widths, real = [], llm.runner.run_decode
 
     def spy(rows, state, num_steps):
@@ -213,13 +213,13 @@ def test_no_compilation_after_warmup_across_window_lengths(make_llm, monkeypatch
                       for _ in range(n)]
             llm.generate(prompts, params, use_tqdm=False)
     assert compiles.count == 0
-    assert len(set(seen)) >= 3, seen  # several window lengths ran on the same programs
+    assert len(set(seen)) >= 3, seen  # several step counts ran on the same programs
     # Block-table widths are powers of two up to the 12 blocks of a 48-token request, and
     # never the 16 of the next power of two.
     assert set(widths) <= {1, 2, 4, 8, 12} and 12 in widths, sorted(set(widths))
 
 
-def test_decode_window_is_callable_from_user_jit(auto, checkpoint):
+def test_multi_step_decode_is_callable_from_user_jit(auto, checkpoint):
     """The pure loop under the caller's own jax.jit: one-token prompts decoded from an empty
     cache give transformers' greedy tokens."""
     runner = auto.runner
@@ -229,37 +229,37 @@ def test_decode_window_is_callable_from_user_jit(auto, checkpoint):
     requests = [Request(str(i), p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), seed=0)
                 for i, p in enumerate(prompts)]
     for i, r in enumerate(requests):
-        r.block_ids = list(range(4 * i, 4 * i + 4))  # 16 slots: the whole window
+        r.block_ids = list(range(4 * i, 4 * i + 4))  # 16 slots: room for all 12 steps
     out = SchedulerOutput([ScheduledRequest(r, 0, 1) for r in requests])
     V = cfg.vocab_size
-    tables = window_block_tables(out)
+    tables = multi_step_block_tables(out)
     rows = prepare_rows(out, tables.shape[0], V, 64, MAX_LEN, tables)
     state = prepare_state(out, tables.shape[0], V, 64)
 
     @jax.jit
     def generate(params, kv_cache, rows: RowSettings, state: DecodeState):
-        return decode_window(params, kv_cache, rows, state, 12, cfg, max_steps=12, block_size=BLOCK)
+        return multi_step_decode(params, kv_cache, rows, state, 12, cfg, max_steps=12, block_size=BLOCK)
 
     kv_cache = jax.tree.map(lambda x: x.copy(), state_.kv_cache)
-    _, final, window = generate(state_.params, kv_cache, rows, state)
+    _, final, decoded = generate(state_.params, kv_cache, rows, state)
     model = checkpoint[1]
     for i, p in enumerate(prompts):
         with torch.no_grad():
             hf = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, pad_token_id=0,
                                 eos_token_id=None)[0, 1:].tolist()
-        assert np.asarray(window.token_ids[i]).tolist() == hf
-    assert np.asarray(final.is_done)[:3].all() and np.asarray(window.num_tokens)[:3].tolist() == [12] * 3
+        assert np.asarray(decoded.token_ids[i]).tolist() == hf
+    assert np.asarray(final.is_done)[:3].all() and np.asarray(decoded.num_tokens)[:3].tolist() == [12] * 3
 
 
-# -- the block pool around windows cut short (scheduler only, fake tokens) --------------------
+# -- the block pool around multi-step decodes cut short (scheduler only, fake tokens) ---------
 
 MODEL = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=32, hidden_size=8, intermediate_size=8,
                     num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
                     max_position_embeddings=64)
 
 
-def fake_window(out: SchedulerOutput) -> dict[str, SequenceResult]:
-    """Tokens as a window would produce them: a function of (request, output index), each
+def fake_multi_step(out: SchedulerOutput) -> dict[str, SequenceResult]:
+    """Tokens as a multi-step decode would produce them: a function of (request, output index), each
     row stopping early at token 0 (its EOS) or at its output limit."""
     results = {}
     for s in out.scheduled:
@@ -283,12 +283,12 @@ def fake_window(out: SchedulerOutput) -> dict[str, SequenceResult]:
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 30)), min_size=1, max_size=8),
        st.integers(10, 30), st.sampled_from([0, 3, 8]), st.integers(1, 4))
-def test_windows_cut_short_leak_no_block(requests, num_blocks, window, max_seqs):
+def test_multi_step_decodes_cut_short_leak_no_block(requests, num_blocks, decode_steps, max_seqs):
     config = RunnerConfig(
         model_config=MODEL,
         cache_config=CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=True),
         scheduler_config=SchedulerConfig(max_model_len=48, max_num_seqs=max_seqs,
-                                         max_num_batched_tokens=16, decode_window=window))
+                                         max_num_batched_tokens=16, decode_steps=decode_steps))
     sched = Scheduler(config, num_blocks)
     live = []
     for i, (prompt_len, max_tokens) in enumerate(requests):
@@ -303,12 +303,12 @@ def test_windows_cut_short_leak_no_block(requests, num_blocks, window, max_seqs)
         if not sched.has_unfinished():
             break
         out = sched.schedule()
-        # Every decode's window slots are reserved before the call.
+        # Every decode's slots for all the call's steps are reserved before the call.
         for s in out.scheduled:
             if s.num_tokens == 1:
-                need = s.start + sched.window_tokens(s.request, out.num_steps)
+                need = s.start + sched.decode_step_tokens(s.request, out.num_steps)
                 assert len(s.request.block_ids) * 4 >= need
-        engine_module.update(sched, out, fake_window(out))
+        engine_module.update(sched, out, fake_multi_step(out))
         sched.pool.check_invariants([r.block_ids for r in sched.running])
     assert not sched.has_unfinished()
     assert sched.pool.num_free_blocks == num_blocks

@@ -13,7 +13,7 @@ requests of the same call:
   this one is admitted.
 
 It also draws the engine settings that move those steps around: block size, sequence
-slots, token budget (chunked prefill), decode window and `max_tokens`.
+slots, token budget (chunked prefill), decode steps per call and `max_tokens`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ MAX_TOKENS = 12
 
 
 @cache
-def engine(block_size: int, max_num_seqs: int, max_num_batched_tokens: int, decode_window: int,
+def engine(block_size: int, max_num_seqs: int, max_num_batched_tokens: int, decode_steps: int,
            enable_prefix_caching: bool) -> LLM:
     """One engine per setting, kept for the session: examples that share a setting share
     its compiled programs (and its stale cache contents, which a wrong reuse would read)."""
@@ -44,7 +44,7 @@ def engine(block_size: int, max_num_seqs: int, max_num_batched_tokens: int, deco
     return LLM(model_config=cfg, params=params, block_size=block_size,
                num_kv_blocks=POOL_TOKENS // block_size, max_model_len=MAX_MODEL_LEN,
                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-               decode_window=decode_window, enable_prefix_caching=enable_prefix_caching)
+               decode_steps=decode_steps, enable_prefix_caching=enable_prefix_caching)
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -72,11 +72,11 @@ def _alone(setting: tuple, prompt: tuple[int, ...]) -> tuple[list[int], list[flo
     return completion(out[0])
 
 
-# (block_size, max_num_seqs, max_num_batched_tokens, decode_window): every pair of values
+# (block_size, max_num_seqs, max_num_batched_tokens, decode_steps): every pair of values
 # of any two settings appears in some row, and each row compiles its own programs. Two
 # sequence slots or more: a request that waits for a slot is admitted while others decode,
-# which is when a block completed by a decode can be offered to it. Decode window 0 is
-# the automatic multi-step window, 1 one step per call.
+# which is when a block completed by a decode can be offered to it. decode_steps 0 is
+# the automatic multi-step decode, 1 one step per call.
 SETTINGS = st.sampled_from([(2, 2, 8, 0), (2, 3, 32, 1), (4, 2, 32, 1), (4, 3, 8, 1), (4, 3, 32, 0)])
 
 

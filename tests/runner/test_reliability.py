@@ -781,7 +781,7 @@ def _inject(llm: LLM, monkeypatch, where: str, at: int, error: BaseException) ->
     targets = {
         "execute_model": (llm.runner, "execute_model", False),
         "execute_model, after the step": (llm.runner, "execute_model", True),
-        "decode window, after it wrote the cache": (llm.runner, "run_decode", True),
+        "multi-step decode, after it wrote the cache": (llm.runner, "run_decode", True),
         "schedule": (llm.scheduler, "schedule", False),
         "engine update, after the step": (engine, "update", True),
         "stop-string detokenizer": (llm.tokenizer, "decode", False),
@@ -794,7 +794,7 @@ def _inject(llm: LLM, monkeypatch, where: str, at: int, error: BaseException) ->
 
 FAULTS = [(where, at, error) for where, at in [
     ("execute_model", 1), ("execute_model", 4), ("execute_model, after the step", 3),
-    ("decode window, after it wrote the cache", 3), ("schedule", 5),
+    ("multi-step decode, after it wrote the cache", 3), ("schedule", 5),
     ("engine update, after the step", 5), ("stop-string detokenizer", 2)]
     for error in (KeyboardInterrupt, RuntimeError)]
 
@@ -867,15 +867,15 @@ def test_interrupt_inside_a_step_after_the_cache_was_donated(hf_checkpoint, monk
     prompt = {"prompt_token_ids": [5, 6, 7, 8, 9]}
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
-    real = model_runner.window_step
+    real = model_runner.multi_step
 
     def interrupted(*args, **kwargs):
         real(*args, **kwargs)  # consumes the donated cache
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_runner, "window_step", interrupted)
+    monkeypatch.setattr(model_runner, "multi_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompt, greedy, use_tqdm=False)
-    monkeypatch.setattr(model_runner, "window_step", real)
+    monkeypatch.setattr(model_runner, "multi_step", real)
     assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
     assert llm.scheduler.pool.num_free_blocks == llm.runner.num_blocks

@@ -92,7 +92,7 @@ def test_greedy_with_several_samples_is_refused():
 
 @pytest.mark.parametrize("kwargs", [
     dict(best_of=2), dict(best_of=None), dict(output_kind=RequestOutputKind.FINAL_ONLY),
-    dict(output_kind=RequestOutputKind.CUMULATIVE), dict(stream_interval=4), dict(extra_args={"x": 1}),
+    dict(output_kind=RequestOutputKind.CUMULATIVE), dict(output_kind=RequestOutputKind.DELTA), dict(stream_interval=4), dict(extra_args={"x": 1}),
     dict(skip_clone=True), dict(skip_reading_prefix_cache=False), dict(detokenize=True), dict(bad_words=[]),
     dict(spaces_between_special_tokens=True), dict(flat_logprobs=False), dict(structured_outputs=None),
 ])
@@ -104,8 +104,7 @@ def test_vllm_fields_accepted(kwargs):
 
 @pytest.mark.parametrize("kwargs, name, reason", [
     (dict(best_of=3), "best_of", "best-of-n ranking is not implemented"),
-    (dict(output_kind=RequestOutputKind.DELTA), "output_kind", "not deltas"),
-    (dict(output_kind=1), "output_kind", "CUMULATIVE or FINAL_ONLY"),
+    (dict(output_kind=1), "output_kind", "CUMULATIVE, DELTA .* or FINAL_ONLY"),
     (dict(structured_outputs={"json": {}}), "structured_outputs", "guided"),
     (dict(guided_decoding={"regex": "a+"}), "guided_decoding", "guided"),
     (dict(allowed_token_ids=[1, 2]), "allowed_token_ids", "logit_bias"),

@@ -43,7 +43,7 @@ def test_varied_workload_compiles_nothing_after_warmup(hf_checkpoint):
 
 
 def test_one_sequence_runner_compiles_nothing_after_warmup(hf_checkpoint):
-    """With max_num_seqs=1 decode windows run at one row: those programs are warmed up too."""
+    """With max_num_seqs=1 multi-step decodes run at one row: those programs are warmed up too."""
     folder, _ = hf_checkpoint("qwen3_tied")
     llm = LLM(str(folder), block_size=4, num_kv_blocks=12, max_model_len=24, max_num_seqs=1,
               max_num_batched_tokens=8)

@@ -1,0 +1,330 @@
+"""`AsyncLLM`: vLLM's async engine shape over the same `Engine`.
+
+One background thread owns the engine and is the only one to call JAX. Coroutines hand it
+requests, aborts and lifecycle calls through one queue; between device calls it takes
+them all, steps once, and pushes each request's new output to the stream of the
+coroutine that asked (`loop.call_soon_threadsafe`). Requests from any number of callers
+join the running batch between device calls: continuous batching across callers.
+
+Streaming and multi-step decode. A decode call runs several steps on the device, so two
+waits are bounded by how long one call takes:
+- a request that arrives while a call runs waits for that call (then the scheduler runs
+  single steps while a sequence slot is free, so its prefill is not held back);
+- a stream receives tokens once per call.
+The engine caps a call at `max_call_seconds`: the decode steps per call are the cap over
+the last call's time per step (at least one, at most the configured `decode_steps`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from runner import inputs
+from runner.engine.engine import update
+from runner.engine.outputs import CompletionOutput, RequestOutput, request_output
+from runner.llm import LLM
+from runner.sampling_params import RequestOutputKind, SamplingParams
+from state.config import RunnerConfig
+from state.request import Request
+
+# A call's duration the engine aims under while streaming: a token every 50 ms reads as
+# fluent text, and a new request waits at most about this long for the call it arrived in.
+DEFAULT_MAX_CALL_SECONDS = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is gone (shut down); no request can be served."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Stream:
+    """One caller's request: its `n` engine requests and what it has been sent."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    group: list[Request]
+    kind: RequestOutputKind
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    sent_tokens: list[int] = dataclasses.field(default_factory=list)  # per completion
+    sent_text: list[int] = dataclasses.field(default_factory=list)  # characters, per completion
+    sent_any: bool = False
+
+    def __post_init__(self) -> None:
+        self.sent_tokens = [0] * len(self.group)
+        self.sent_text = [0] * len(self.group)
+
+    @property
+    def finished(self) -> bool:
+        return all(r.is_finished for r in self.group)
+
+    def put(self, item: RequestOutput | BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
+
+
+class AsyncLLM:
+    """Serve requests from coroutines with vLLM's `AsyncLLM` calls.
+
+    Args: as `runner.LLM` (None serves the built-in model), plus `max_call_seconds`, the
+    duration a decode call aims under while streaming (see the module docstring).
+    """
+
+    def __init__(self, model: str | None = None, *, max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS,
+                 **engine_args: Any) -> None:
+        if not (isinstance(max_call_seconds, (int, float)) and max_call_seconds > 0):
+            raise ValueError(f"AsyncLLM: max_call_seconds must be a positive number, got {max_call_seconds!r}")
+        self._llm = LLM(model, **engine_args)
+        self._max_call_seconds = float(max_call_seconds)
+        self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # owned by the engine thread
+        self._ids = 0
+        self._id_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, name="runner-engine", daemon=True)
+        self._alive = True
+        self._thread.start()
+
+    @property
+    def config(self) -> RunnerConfig:
+        return self._llm.config
+
+    def get_tokenizer(self) -> Any:
+        return self._llm.get_tokenizer()
+
+    @property
+    def is_running(self) -> bool:
+        return self._alive and self._thread.is_alive()
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def generate(self, prompt: inputs.Prompt, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream one prompt's outputs: cumulative by default, only what is new with
+        `output_kind=RequestOutputKind.DELTA`, only the last with `FINAL_ONLY`. A bad
+        prompt or setting raises here, in this caller only. Leaving the loop early (or
+        cancelling the task) aborts the request."""
+        loop = asyncio.get_running_loop()
+        stream_queue: asyncio.Queue = asyncio.Queue()
+        request_id = self._new_id() if request_id is None else request_id
+        created: asyncio.Future = loop.create_future()
+
+        def admit() -> None:  # on the engine thread, between device calls
+            try:
+                stream = self._make_stream(prompt, sampling_params, request_id, loop, stream_queue)
+            except BaseException as e:  # noqa: BLE001 - the caller gets it, the engine goes on
+                loop.call_soon_threadsafe(_settle, created, None, e)
+                return
+            self._streams[request_id] = stream
+            loop.call_soon_threadsafe(_settle, created, True, None)
+
+        self._submit(admit)
+        await created
+        try:
+            while True:
+                item = await stream_queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if request_id in self._streams:  # left early: the request is dropped, its blocks freed
+                self._submit(lambda: self._abort(request_id))
+
+    async def abort(self, request_id: str | list[str]) -> None:
+        """Abort requests by id; they end with finish_reason "abort" and their blocks are
+        freed. Unknown or finished ids are ignored, as in vLLM."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        await self._call(lambda: [self._abort(i) for i in ids])
+
+    def _make_stream(self, prompt: inputs.Prompt, sampling_params: SamplingParams | None, request_id: str,
+                     loop: asyncio.AbstractEventLoop, stream_queue: asyncio.Queue) -> _Stream:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id: expected a non-empty string, got {request_id!r}")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in flight; ids must be unique")
+        params = self._llm.get_default_sampling_params() if sampling_params is None else sampling_params
+        (text, ids), = self._llm.encode_prompts([prompt])
+        params, = self._llm.check_requests([ids], [params])
+        group = self._llm.engine.make_requests(ids, params)
+        self._llm.engine.add_requests(group)
+        return _Stream(request_id, text, ids, group, params.output_kind, loop, stream_queue)
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        for r in stream.group:
+            if not r.is_finished:
+                self._llm.engine.scheduler.finish(r, "abort")
+                r.finished_time = time.time()
+        stream.put(self._output(stream))
+        stream.put(None)
+
+    # -- lifecycle: awaitable, run between device calls ----------------------------------
+
+    async def sleep(self, level: int = 1) -> None:
+        await self._call(lambda: self._idle("sleep") or self._llm.sleep(level))
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self._call(lambda: self._idle("wake_up") or self._llm.wake_up(tags))
+
+    async def reload_weights(self, **source: Any) -> None:
+        await self._call(lambda: self._idle("reload_weights") or self._llm.reload_weights(**source))
+
+    async def update_config(self, overrides: dict[str, Any]) -> RunnerConfig:
+        return await self._call(lambda: self._idle("update_config") or self._llm.update_config(overrides))
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False while requests are in flight (as vLLM), whose
+        blocks stay in use."""
+        return await self._call(lambda: not self._streams and self._llm.reset_prefix_cache())
+
+    async def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
+                             args: tuple = (), kwargs: dict[str, Any] | None = None) -> list:
+        return await self._call(lambda: self._llm.collective_rpc(method, timeout, args, kwargs))
+
+    async def is_sleeping(self) -> bool:
+        return await self._call(lambda: bool(self._llm.runner.state.sleeping))
+
+    def _idle(self, what: str) -> None:
+        """Weights and KV change only with nothing in flight: a request would otherwise mix
+        tokens of two weight versions, or read a freed cache."""
+        if self._streams:
+            raise RuntimeError(f"{what}: {len(self._streams)} request(s) in flight; abort them or wait "
+                               "for them to finish first")
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; requests in flight end with an `EngineDeadError`."""
+        if self._alive:
+            self._alive = False
+            self._inbox.put(None)
+            self._thread.join(timeout=60)
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        with self._id_lock:
+            self._ids += 1
+            return f"req-{self._ids}"
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        if not self.is_running:
+            raise EngineDeadError("the engine is shut down")
+        self._inbox.put(command)
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between device calls; its result or error here."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result, error = fn(), None
+            except BaseException as e:  # noqa: BLE001 - raised in the caller
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, done, result, error)
+
+        self._submit(run)
+        return await done
+
+    def _serve(self) -> None:
+        engine = self._llm.engine
+        while True:
+            busy = engine.has_unfinished()
+            try:
+                command = self._inbox.get(block=not busy)
+            except queue.Empty:
+                command = ...
+            while command is not ...:
+                if command is None:
+                    return self._fail_all(EngineDeadError("the engine was shut down"))
+                try:
+                    command()
+                except Exception:  # noqa: BLE001 - a command reports to its caller itself
+                    pass
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    command = ...
+            if engine.has_unfinished():
+                self._step()
+
+    def _step(self) -> None:
+        engine = self._llm.engine
+        start = time.perf_counter()
+        try:
+            out = engine.scheduler.schedule()
+            results = engine.runner.execute_model(out)
+            update(engine.scheduler, out, results, engine.tokenizer)
+        except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine goes on
+            engine.abort_all()
+            return self._fail_all(e)
+        steps = out.num_steps if out.is_decode else 1
+        per_step = (time.perf_counter() - start) / steps
+        engine.scheduler.step_cap = max(1, int(self._max_call_seconds / max(per_step, 1e-6)))
+        for request_id, stream in list(self._streams.items()):
+            if stream.finished:
+                del self._streams[request_id]
+                stream.put(self._output(stream))
+                stream.put(None)
+            elif stream.kind is not RequestOutputKind.FINAL_ONLY and self._has_news(stream):
+                stream.put(self._output(stream))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams.clear()
+
+    def _has_news(self, stream: _Stream) -> bool:
+        return any(len(r.output_token_ids) > sent for r, sent in zip(stream.group, stream.sent_tokens))
+
+    def _output(self, stream: _Stream) -> RequestOutput:
+        """The stream's next output: the whole request so far, or with DELTA only what it
+        has not been sent. Text that a stop string may still cut is held back until the
+        request finishes or the text grows past it."""
+        out = request_output(stream.prompt, stream.prompt_token_ids, stream.group)
+        out.request_id = stream.request_id
+        completions = []
+        for i, (r, c) in enumerate(zip(stream.group, out.outputs)):
+            text = c.text if r.is_finished else c.text[:max(0, len(c.text) - _held_back(r))]
+            text_from, tokens_from = stream.sent_text[i], stream.sent_tokens[i]
+            stream.sent_text[i], stream.sent_tokens[i] = len(text), len(c.token_ids)
+            if stream.kind is RequestOutputKind.DELTA:
+                c = dataclasses.replace(c, text=text[text_from:], token_ids=c.token_ids[tokens_from:],
+                                        logprobs=None if c.logprobs is None else c.logprobs[tokens_from:])
+            else:
+                c = dataclasses.replace(c, text=text)
+            completions.append(c)
+        out.outputs = completions
+        if stream.kind is RequestOutputKind.DELTA and stream.sent_any:
+            out.prompt_logprobs = None  # sent with the first delta
+        stream.sent_any = True
+        return out
+
+
+def _held_back(request: Request) -> int:
+    """Characters of an unfinished request's text a stop string could still claim."""
+    stops = request.sampling_params.stop_strings
+    return max((len(s) for s in stops), default=1) - 1
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+__all__ = ["AsyncLLM", "CompletionOutput", "EngineDeadError", "RequestOutput"]
