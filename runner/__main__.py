@@ -1,4 +1,5 @@
-"""Command line: `python -m runner generate "prompt"` (and `bench`, see benchmarks/bench.py).
+"""Command line: `python -m runner generate "prompt"`, `python -m runner serve [MODEL]` (an
+OpenAI-compatible server, see runner/server) and `bench` (see benchmarks/bench.py).
 
 A user's mistake (a wrong path, a value out of range) ends the run with one line,
 `error: <message>` on stderr and exit status 1; `--debug` shows the traceback instead.
@@ -46,8 +47,74 @@ def _bench(args: argparse.Namespace) -> int:
     if "batch_sizes" in given:
         given["batch_sizes"] = tuple(given["batch_sizes"])
     bench.run(bench.Workload(**given), model=args.model, reference=not args.no_reference,
-              output=args.output, vllm_python=args.vllm_python, decode_window=args.decode_window)
+              output=args.output, vllm_python=args.vllm_python, decode_steps=args.decode_steps)
     return 0
+
+
+# Engine flags of `serve`, as `vllm serve` spells them: (flag, type, help). Unset ones keep
+# the engine's defaults (`runner.engine_args.EngineArgs`).
+SERVE_ENGINE_FLAGS = (
+    ("--max-model-len", int, "context length (default: the model's)"),
+    ("--dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("--max-num-seqs", int, "sequences in the running batch"),
+    ("--block-size", int, "tokens per KV block"),
+    ("--num-kv-blocks", int, "KV blocks in the cache (default: from the memory budget)"),
+    ("--max-num-batched-tokens", int, "tokens per step"),
+    ("--decode-steps", int, "decode steps per device call (0: auto)"),
+    ("--kv-cache-dtype", str, "auto | fp8 | ..."),
+    ("--load-format", str, "auto | safetensors | dummy | orbax"),
+    ("--seed", int, "seed of the dummy weights and of unseeded requests"),
+    ("--gpu-memory-utilization", float, "KV budget as a fraction of the free device memory"),
+    ("--tensor-parallel-size", int, "devices each weight and the KV cache are split over"),
+    ("--generation-config", str, "auto (the folder's generation_config.json) | vllm | a folder"),
+)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.compilation_cache:
+        from runner.device.compilation import enable_persistent_cache
+        enable_persistent_cache(args.compilation_cache)
+    # Here, not at the top: FastAPI and uvicorn are the `serve` extra, absent from the GPU
+    # image, where `generate` must still run.
+    try:
+        from runner.server import run_server
+    except ImportError as e:
+        raise ValueError(f"serve needs the serve extra ({e}); pip install 'jax-model-runner[serve]'") from e
+
+    engine_args = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+                   for flag, _, _ in SERVE_ENGINE_FLAGS}
+    engine_args = {name: value for name, value in engine_args.items() if value is not None}
+    if args.no_enable_prefix_caching:
+        engine_args["enable_prefix_caching"] = False
+    if args.max_call_seconds is not None:
+        engine_args["max_call_seconds"] = args.max_call_seconds
+    run_server(args.model, host=args.host, port=args.port, served_model_names=args.served_model_name,
+               enable_control_endpoints=args.enable_control_endpoints, log_level=args.uvicorn_log_level,
+               **engine_args)
+    return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction, after_command: argparse.ArgumentParser) -> None:
+    s = commands.add_parser("serve", parents=[after_command],
+                            help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    s.add_argument("model", nargs="?", default=None, help="Hugging Face or orbax folder; default: built-in model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model id(s) requests name (default: the model path, or 'builtin')")
+    s.add_argument("--enable-control-endpoints", action="store_true",
+                   help="add /sleep, /wake_up, /is_sleeping, /reset_prefix_cache and /collective_rpc "
+                        "(vLLM's development mode); anyone who reaches the port can call them")
+    for flag, kind, text in SERVE_ENGINE_FLAGS:
+        s.add_argument(flag, type=kind, default=None, help=text)
+    s.add_argument("--no-enable-prefix-caching", action="store_true", help="turn the prefix cache off")
+    s.add_argument("--max-call-seconds", type=float, default=None,
+                   help="the duration a decode call aims under while streaming (default: runner.AsyncLLM's)")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="persistent compilation cache directory (a second start compiles less)")
+    s.set_defaults(func=_serve)
 
 
 # What a user's own input can raise: a folder or file that is not there or not readable
@@ -84,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="persistent compilation cache directory (a second run starts faster)")
     gen.set_defaults(func=_generate)
 
+    _add_serve(commands, after_command)
+
     b = commands.add_parser("bench", parents=[after_command],
                             help="workload W1 on this runner and on transformers, side by side "
                                  "(every workload flag defaults to W1's value)")
@@ -96,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-reference", action="store_true", help="skip transformers")
     b.add_argument("--vllm-python", default=None, metavar="PATH",
                    help="a Python with vLLM installed: run the same workload on vLLM too")
-    b.add_argument("--decode-window", type=int, default=0, help="decode steps per device call (0: auto)")
+    b.add_argument("--decode-steps", type=int, default=0, help="decode steps per device call (0: auto)")
     b.add_argument("--output", default="bench.json", help="JSON report path")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)

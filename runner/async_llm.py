@@ -127,18 +127,23 @@ class AsyncLLM:
             loop.call_soon_threadsafe(_settle, created, True, None)
 
         self._submit(admit)
-        await created
+        finished = False
         try:
+            await created
             while True:
                 item = await stream_queue.get()
                 if item is None:
+                    finished = True
                     return
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 yield item
         finally:
-            if request_id in self._streams:  # left early: the request is dropped, its blocks freed
-                self._submit(lambda: self._abort(request_id))
+            # Left early, or cancelled even before admission (a client that went away): the
+            # request is dropped and its blocks freed. The abort runs after the admission.
+            if not finished and self.is_running:
+                self._submit(lambda: self._abort(request_id, stream_queue))
 
     async def abort(self, request_id: str | list[str]) -> None:
         """Abort requests by id; they end with finish_reason "abort" and their blocks are
@@ -159,10 +164,13 @@ class AsyncLLM:
         self._llm.engine.add_requests(group)
         return _Stream(request_id, text, ids, group, params.output_kind, loop, stream_queue)
 
-    def _abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is None:
+    def _abort(self, request_id: str, owner: asyncio.Queue | None = None) -> None:
+        """End a request; with `owner`, only the stream of that caller (an id may have
+        been refused to a second caller while the first still runs)."""
+        stream = self._streams.get(request_id)
+        if stream is None or (owner is not None and stream.queue is not owner):
             return
+        del self._streams[request_id]
         for r in stream.group:
             if not r.is_finished:
                 self._llm.engine.scheduler.finish(r, "abort")
@@ -191,7 +199,12 @@ class AsyncLLM:
 
     async def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
                              args: tuple = (), kwargs: dict[str, Any] | None = None) -> list:
-        return await self._call(lambda: self._llm.collective_rpc(method, timeout, args, kwargs))
+        """As `LLM.collective_rpc`; a method that changes weights or KV waits for an idle
+        engine as its own call does."""
+        changes_state = isinstance(method, str) and method in ("sleep", "wake_up", "reload_weights",
+                                                                "update_config")
+        return await self._call(lambda: (self._idle(method) if changes_state else None)
+                                or self._llm.collective_rpc(method, timeout, args, kwargs))
 
     async def is_sleeping(self) -> bool:
         return await self._call(lambda: bool(self._llm.runner.state.sleeping))

@@ -31,6 +31,15 @@ def engine():
     llm.shutdown()
 
 
+@pytest.fixture(scope="module")
+def tight():
+    """Decode calls capped far under one step's time: every call runs one step, so a
+    request of many tokens stays in flight for as many engine turns."""
+    llm = AsyncLLM(**SETTINGS, max_call_seconds=1e-9)
+    yield llm
+    llm.shutdown()
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -121,6 +130,19 @@ def test_leaving_a_stream_early_aborts_its_request(engine):
     assert run(main())
 
 
+def test_a_caller_cancelled_before_admission_leaves_nothing_running(engine):
+    async def main():
+        task = asyncio.ensure_future(collect(engine, PROMPTS[1], greedy(100)))
+        await asyncio.sleep(0)  # the admission is queued, not yet run
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await engine.abort([])
+        return all_free(engine) and not engine._streams
+
+    assert run(main())
+
+
 def test_a_bad_request_fails_only_its_caller(engine, offline):
     async def main():
         return await asyncio.gather(collect(engine, PROMPTS[0], greedy(6)), collect(engine, [99999], greedy(6)),
@@ -148,13 +170,17 @@ def test_a_request_id_in_flight_is_refused(engine):
     assert run(main())[-1].outputs[0].finish_reason == "length"
 
 
-def test_lifecycle_calls_run_between_device_calls(engine, offline):
+def test_lifecycle_calls_run_between_device_calls(tight, offline):
+    engine = tight
+
     async def main():
-        task = asyncio.ensure_future(collect(engine, PROMPTS[5], greedy(40)))
+        task = asyncio.ensure_future(collect(engine, PROMPTS[5], greedy(100)))
         await asyncio.sleep(0)
         await engine.abort([])
         with pytest.raises(RuntimeError, match="sleep: 1 request\\(s\\) in flight"):
             await engine.sleep(1)
+        with pytest.raises(RuntimeError, match="sleep: 1 request\\(s\\) in flight"):
+            await engine.collective_rpc("sleep")
         assert await engine.reset_prefix_cache() is False
         await task
         await engine.sleep(1)
@@ -172,16 +198,12 @@ def test_lifecycle_calls_run_between_device_calls(engine, offline):
     assert after[-1].outputs[0].token_ids == offline.generate(PROMPTS[0], greedy(8), use_tqdm=False)[0].outputs[0].token_ids
 
 
-def test_the_call_cap_bounds_the_tokens_between_stream_updates(offline):
+def test_the_call_cap_bounds_the_tokens_between_stream_updates(tight, offline):
     # A cap far under one step's time: every decode call runs one step, so a stream gets
-    # each token as it is made. The default cap runs several per call.
-    tight = AsyncLLM(**SETTINGS, max_call_seconds=1e-9)
-    try:
-        params = greedy(16)
-        params.output_kind = RequestOutputKind.DELTA
-        pieces = run(collect(tight, PROMPTS[0], params))
-    finally:
-        tight.shutdown()
+    # each token as it is made.
+    params = greedy(16)
+    params.output_kind = RequestOutputKind.DELTA
+    pieces = run(collect(tight, PROMPTS[0], params))
     assert [len(p.outputs[0].token_ids) for p in pieces] == [1] * 16
     assert sum((p.outputs[0].token_ids for p in pieces), []) == \
         offline.generate(PROMPTS[0], greedy(16), use_tqdm=False)[0].outputs[0].token_ids
