@@ -3,9 +3,9 @@ response that carries it.
 
 Every way a request can end early (a client gone, a refused sibling prompt, a cancelled
 handler) goes through `Requests.close`, which aborts what still runs so its KV blocks are
-freed at once. `AsyncLLM.generate` aborts by itself when its loop is left while reading, but
-not when it is cancelled before the engine admitted the request; the abort sent here covers
-that window (the engine takes commands in order, so it lands after the admission).
+freed at once, whichever task notices first. (`AsyncLLM.generate` also aborts by itself when
+its loop is left or cancelled; the engine takes commands in order, so an abort lands after
+the admission it follows, and a second abort of the same id is a no-op.)
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ BAD_ARGUMENTS = [
     (dict(kv_cache_dtype="int4"), r"CacheConfig\.kv_cache_dtype: unknown 'int4'"),
     (dict(attention_backend="cuda"), r"CacheConfig\.attention_backend: unknown 'cuda'; valid: reference, pallas"),
     (dict(tensor_parallel_size=3), r"ParallelConfig\.tensor_parallel_size: 3 must divide num_attention_heads \(4\)"),
-    (dict(tokenizer=5), r"tokenizer: expected a folder path, a runner\.tokenizer\.Tokenizer or None, got int"),
+    (dict(tokenizer=5), r"tokenizer: expected a folder path, a runner\.formats\.tokenizer\.Tokenizer or None, got int"),
     (dict(tokenizer="/nonexistent"), r"tokenizer: no tokenizer\.json in '/nonexistent'"),
 ]
 
@@ -555,8 +555,8 @@ INVALID_SAMPLING = [
     (dict(ignore_eos=1), "ignore_eos"), (dict(ignore_eos=None), "ignore_eos"),
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=2.0), "max_tokens"),
     (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=17), "min_tokens"), (dict(min_tokens=1.0), "min_tokens"),
-    (dict(logprobs=-1), "logprobs"), (dict(logprobs=21), "logprobs"), (dict(logprobs=True), "logprobs"),
-    (dict(prompt_logprobs=-1), "prompt_logprobs"), (dict(prompt_logprobs=21), "prompt_logprobs"),
+    (dict(logprobs=-2), "logprobs"), (dict(logprobs=21), "logprobs"), (dict(logprobs=True), "logprobs"),
+    (dict(prompt_logprobs=-2), "prompt_logprobs"), (dict(prompt_logprobs=21), "prompt_logprobs"),
     (dict(prompt_logprobs=2.0), "prompt_logprobs"),
     (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
     (dict(skip_special_tokens="no"), "skip_special_tokens"),
@@ -626,7 +626,8 @@ def test_stop_strings_need_a_tokenizer_and_text_prompts_too(tied):
     bare = LLM(str(tied), **LLM_ARGS)  # the checkpoint has no tokenizer.json
     with pytest.raises(ValueError, match=r"^SamplingParams\.stop needs a tokenizer"):
         bare.generate([ids([5])], SamplingParams(stop=["x"]), use_tqdm=False)
-    with pytest.raises(ValueError, match=r"^prompt 1 is text but the model has no tokenizer\.json"):
+    with pytest.raises(ValueError, match=r"^prompt 1 is text but there is no tokenizer \(the model folder has "
+                                         r"no tokenizer\.json\)"):
         bare.generate([ids([5]), "text"], use_tqdm=False)
     assert_idle(bare)
 
