@@ -85,22 +85,53 @@ def assemble(tensors: Iterable[Tensor], cfg: ModelConfig, *, base: Params | None
     leaves: dict[str, Any] = {}
     on_device: list[tuple[str, Tensor]] = []  # finiteness checked in one program at the end
     for t in tensors:
-        if t.path not in specs:
-            raise CheckpointError(f"unexpected {t.label}: the model has no leaf {t.path!r} "
-                                  "(leaves are named like 'embed', 'layers.0.wq')")
-        if t.path in leaves:
-            raise CheckpointError(f"{t.label} appears twice")
-        array = _checked(t, specs[t.path], cast, check_finite)
+        array = _checked_new(t, specs, leaves, cast, check_finite)
         if isinstance(array, jax.Array):
             on_device.append((t.path, t))
-        leaves[t.path] = _place(array, placements.get(t.path), copy)
+        leaves[t.path] = place(array, placements.get(t.path), copy)
     if check_finite and on_device:
-        finite = jax.device_get(_finite_leaves([leaves[p] for p, _ in on_device]))
+        finite = jax.device_get(finite_leaves([leaves[p] for p, _ in on_device]))
         bad = [t for (_, t), ok in zip(on_device, finite) if not ok]
         if bad:
             raise CheckpointError(f"{bad[0].label} holds NaN or infinite values "
                                   "(load_config.check_finite=False accepts them)")
     return _complete(leaves, abstract, base, placements, source, cfg)
+
+
+def check_bucket(tensors: Iterable[Tensor], cfg: ModelConfig, *, cast: bool = False,
+                 check_finite: bool = True) -> dict[str, Any]:
+    """Leaf path -> array of `tensors`, each checked by the rules above (names, shapes,
+    dtypes, finiteness); nothing is placed. Device arrays are checked for finiteness where
+    they lie, one small program each, so a bucket on another mesh moves nowhere to be checked.
+
+    Raises:
+        CheckpointError: naming the first tensor that breaks a rule.
+    """
+    specs = dict(zip(leaf_paths(abstract_params(cfg)), jax.tree.leaves(abstract_params(cfg))))
+    leaves: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for t in tensors:
+        leaves[t.path] = _checked_new(t, specs, leaves, cast, check_finite)
+        labels[t.path] = t.label
+    on_device = [p for p, a in leaves.items() if isinstance(a, jax.Array)]
+    if check_finite and on_device:
+        finite = jax.device_get([_all_finite(leaves[p]) for p in on_device])
+        bad = [p for p, ok in zip(on_device, finite) if not ok]
+        if bad:
+            raise CheckpointError(f"{labels[bad[0]]} holds NaN or infinite values "
+                                  "(load_config.check_finite=False accepts them)")
+    return leaves
+
+
+def _checked_new(t: Tensor, specs: dict[str, jax.ShapeDtypeStruct], seen: dict[str, Any], cast: bool,
+                 check_finite: bool) -> Any:
+    """`_checked`, for a tensor naming a leaf of the model not `seen` before."""
+    if t.path not in specs:
+        raise CheckpointError(f"unexpected {t.label}: the model has no leaf {t.path!r} "
+                              "(leaves are named like 'embed', 'layers.0.wq')")
+    if t.path in seen:
+        raise CheckpointError(f"{t.label} appears twice")
+    return _checked(t, specs[t.path], cast, check_finite)
 
 
 def _checked(t: Tensor, spec: jax.ShapeDtypeStruct, cast: bool, check_finite: bool) -> Any:
@@ -173,7 +204,9 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
-def _place(array: Any, sharding: Any, copy: bool) -> Any:
+def place(array: Any, sharding: Any, copy: bool) -> Any:
+    """A checked array on `sharding`. A JAX array moves device to device (a trainer's tree
+    on another mesh is resharded by `device_put`, never through host memory)."""
     if sharding is None and not copy:
         return array
     if copy and isinstance(array, np.ndarray):
@@ -241,13 +274,18 @@ def validate_params(params: Any, cfg: ModelConfig, *, check_finite: bool = True)
             raise CheckpointError(f"leaf {path!r} has dtype {dtype}; expected {spec.dtype} "
                                   "(convert explicitly with .astype before handing it over)")
     if check_finite:
-        finite = jax.device_get(_finite_leaves(jax.tree.leaves(params)))
+        finite = jax.device_get(finite_leaves(jax.tree.leaves(params)))
         bad = [p for p, ok in zip(paths, finite) if not ok]
         if bad:
             raise CheckpointError(f"leaf {bad[0]!r} holds NaN or infinite values")
 
 
 @jax.jit
-def _finite_leaves(leaves: list[jax.Array]) -> jax.Array:
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()
+
+
+@jax.jit
+def finite_leaves(leaves: list[jax.Array]) -> jax.Array:
     """[num_leaves] bool: one program per tree shape, one transfer for the whole tree."""
     return jnp.stack([jnp.isfinite(x).all() for x in leaves])
