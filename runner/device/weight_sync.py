@@ -132,6 +132,8 @@ def _checked_bucket(state: RunnerState, bucket: Any, what: str, is_checkpoint_fo
         return check_bucket(tensors, cfg, cast=is_checkpoint_format,
                             check_finite=state.config.load_config.check_finite)
     except CheckpointError as e:
+        if str(e).startswith(what):  # `pairs` names the bucket already
+            raise
         raise CheckpointError(f"{what}: {e}") from None
 
 

@@ -151,7 +151,7 @@ def _checked(t: Tensor, spec: jax.ShapeDtypeStruct, cast: bool, check_finite: bo
         raise CheckpointError(f"{t.label} has dtype {dtype}; expected {np.dtype(spec.dtype).name} "
                               "(convert explicitly with .astype before handing it over)")
     if optional:
-        value = float(np.asarray(array, np.float32))
+        value = float(np.asarray(jax.device_get(array), np.float32))  # explicit: one scalar
         if not (np.isfinite(value) and value > 0):
             raise CheckpointError(f"{t.label} is {value}; a KV cache scale must be a positive "
                                   "number (the cache stores values divided by it)")
