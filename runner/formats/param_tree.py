@@ -23,7 +23,8 @@ anything (for writers: orbax saves, HF export).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Container, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -84,11 +85,21 @@ def assemble(tensors: Iterable[Tensor], cfg: ModelConfig, *, base: Params | None
     placements = dict(zip(paths, jax.tree.leaves(shardings))) if shardings is not None else {}
     leaves: dict[str, Any] = {}
     on_device: list[tuple[str, Tensor]] = []  # finiteness checked in one program at the end
+    local: list[tuple[str, jax.Array]] = []  # already on their targets' devices: copied in one program
+    seen: set[str] = set()
     for t in tensors:
-        array = _checked_new(t, specs, leaves, cast, check_finite)
+        array = _checked_new(t, specs, seen, cast, check_finite)
+        seen.add(t.path)
+        target = placements.get(t.path)
         if isinstance(array, jax.Array):
             on_device.append((t.path, t))
-        leaves[t.path] = place(array, placements.get(t.path), copy)
+            if copy and target is not None and _device_order(array.sharding) == _device_order(target):
+                local.append((t.path, array))
+                continue
+        leaves[t.path] = place(array, target, copy)
+    if local:
+        copies = _copier(tuple(placements[p] for p, _ in local))([a for _, a in local])
+        leaves.update(zip((p for p, _ in local), copies))
     if check_finite and on_device:
         finite = jax.device_get(finite_leaves([leaves[p] for p, _ in on_device]))
         bad = [t for (_, t), ok in zip(on_device, finite) if not ok]
@@ -123,7 +134,7 @@ def check_bucket(tensors: Iterable[Tensor], cfg: ModelConfig, *, cast: bool = Fa
     return leaves
 
 
-def _checked_new(t: Tensor, specs: dict[str, jax.ShapeDtypeStruct], seen: dict[str, Any], cast: bool,
+def _checked_new(t: Tensor, specs: dict[str, jax.ShapeDtypeStruct], seen: Container[str], cast: bool,
                  check_finite: bool) -> Any:
     """`_checked`, for a tensor naming a leaf of the model not `seen` before."""
     if t.path not in specs:
@@ -278,6 +289,20 @@ def validate_params(params: Any, cfg: ModelConfig, *, check_finite: bool = True)
         bad = [p for p, ok in zip(paths, finite) if not ok]
         if bad:
             raise CheckpointError(f"leaf {bad[0]!r} holds NaN or infinite values")
+
+
+def _device_order(sharding: Any) -> tuple[jax.Device, ...] | None:
+    """The devices of a sharding in mesh order (arrays one program takes must agree on it)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return tuple(sharding.mesh.devices.flat)
+    return tuple(sharding.device_set) if len(sharding.device_set) == 1 else None
+
+
+@functools.lru_cache(maxsize=16)
+def _copier(targets: tuple[Any, ...]) -> Any:
+    """One program copying device arrays onto `targets` (on the same devices: XLA moves
+    shards between them): a whole tree costs one dispatch, not one transfer per leaf."""
+    return jax.jit(lambda arrays: [jnp.copy(a) for a in arrays], out_shardings=list(targets))
 
 
 @jax.jit
