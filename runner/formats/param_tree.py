@@ -305,12 +305,19 @@ def _copier(targets: tuple[Any, ...]) -> Any:
     return jax.jit(lambda arrays: [jnp.copy(a) for a in arrays], out_shardings=list(targets))
 
 
+def _is_finite(x: jax.Array) -> jax.Array:
+    """True when every value of `x` is finite. `x * 0` is 0 for a finite value and NaN for
+    NaN and infinities, so the sum is NaN exactly when one is not finite (and cannot
+    overflow); a sum reduces faster than an all-reduction of booleans, on CPU markedly."""
+    return jnp.isfinite(jnp.sum(x * 0))
+
+
 @jax.jit
 def _all_finite(x: jax.Array) -> jax.Array:
-    return jnp.isfinite(x).all()
+    return _is_finite(x)
 
 
 @jax.jit
 def finite_leaves(leaves: list[jax.Array]) -> jax.Array:
     """[num_leaves] bool: one program per tree shape, one transfer for the whole tree."""
-    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+    return jnp.stack([_is_finite(x) for x in leaves])

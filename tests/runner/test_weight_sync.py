@@ -9,6 +9,7 @@ import gc
 import random
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -115,6 +116,7 @@ BAD_BUCKETS = {
     "shape": ([("model.norm.weight", np.ones(39, np.float32))], r"bucket 0: tensor 'model.norm.weight' has shape"),
     "name": ([("model.layers.9.mlp.up_proj.weight", np.ones((72, 40), np.float32))], "bucket 0: unexpected"),
     "nan": ([("model.norm.weight", np.full(40, np.nan, np.float32))], "bucket 0: .*NaN or infinite"),
+    "inf on device": ([("model.norm.weight", jnp.ones(40).at[3].set(-jnp.inf))], "bucket 0: .*NaN or infinite"),
     "twice": ([("model.norm.weight", np.ones(40, np.float32))] * 2, "bucket 0: .*appears twice"),
     "not a pair": (["model.norm.weight"], "bucket 0 item 1 is not a \\(name, array\\) pair"),
 }
@@ -243,6 +245,8 @@ def test_donation_refuses_what_it_cannot_adopt_by_name(llm, target):
          r"donate=True: leaf 'layers.1.wk' has shape \(40, 48\); expected \(40, 24\)"),
         (lambda t: t.layers[1].__class__(**{**vars(t.layers[1]), "wv": t.layers[1].wk}),
          r"donate=True: leaf 'layers.1.wv' is the same array as leaf 'layers.1.wk'"),
+        (lambda t: t.layers[1].__class__(**{**vars(t.layers[1]), "wv": t.layers[1].wv.at[2, 3].set(jnp.nan)}),
+         r"donate=True: leaf 'layers.1.wv' holds NaN or infinite values"),
     ]
     for change, message in cases:
         tree = good()
