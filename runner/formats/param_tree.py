@@ -220,6 +220,9 @@ def place(array: Any, sharding: Any, copy: bool) -> Any:
     on another mesh is resharded by `device_put`, never through host memory)."""
     if sharding is None and not copy:
         return array
+    if copy and isinstance(array, jax.Array) and sharding is not None and \
+            _device_order(array.sharding) == _device_order(sharding):
+        return _copier((sharding,))([array])[0]  # a jitted copy: faster than device_put's
     if copy and isinstance(array, np.ndarray):
         # On CPU, device_put may keep pointing at an aligned numpy buffer even with
         # may_alias=False: copy on the host first so the caller's array stays its own.
@@ -298,7 +301,7 @@ def _device_order(sharding: Any) -> tuple[jax.Device, ...] | None:
     return tuple(sharding.device_set) if len(sharding.device_set) == 1 else None
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _copier(targets: tuple[Any, ...]) -> Any:
     """One program copying device arrays onto `targets` (on the same devices: XLA moves
     shards between them): a whole tree costs one dispatch, not one transfer per leaf."""
