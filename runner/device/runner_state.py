@@ -50,9 +50,13 @@ class RunnerState:
             raise RuntimeError("the weights were woken from a level-2 sleep and hold no values: "
                                "call reload_weights() before generating")
         if self.update_pending is not None:
-            missing = sorted(self.update_pending)
-            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-            raise RuntimeError(f"the weights are stale: a streamed update_weights stopped with {len(missing)} "
-                               f"leaf/leaves not replaced ({shown}), so the tree mixes two versions and is "
-                               "not served; send the rest with update_weights(...) or reload a whole tree "
-                               "with reload_weights(...)")
+            raise RuntimeError(f"the weights are stale: a streamed update_weights stopped with "
+                               f"{self.pending_summary()}, so the tree mixes two versions and is not served; "
+                               "send the rest with update_weights(...) or reload a whole tree with "
+                               "reload_weights(...)")
+
+    def pending_summary(self) -> str:
+        """How many leaves a streamed update still has to replace, and the first few."""
+        missing = sorted(self.update_pending or ())
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        return f"{len(missing)} leaf/leaves not replaced ({shown})"

@@ -117,11 +117,8 @@ def streamed_update(state: RunnerState, buckets: Iterable[Any], *, version: int 
 
 
 def _stale_note(state: RunnerState) -> str:
-    missing = sorted(state.update_pending or ())
-    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-    return (f"The weights are stale: {len(missing)} leaf/leaves not replaced since the update began "
-            f"({shown}); generation refuses until update_weights(...) sends them or reload_weights(...) "
-            "loads a whole tree")
+    return (f"The weights are stale: {state.pending_summary()} since the update began; generation "
+            "refuses until update_weights(...) sends them or reload_weights(...) loads a whole tree")
 
 
 def _checked_bucket(state: RunnerState, bucket: Any, what: str, is_checkpoint_format: bool) -> dict[str, Any]:

@@ -106,10 +106,13 @@ class Engine:
         their KV and continue on the new weights (their outputs' `weight_versions` show
         where); their blocks hash under the version they were admitted with, so no request
         admitted later reuses KV computed under older weights."""
-        self.scheduler.reset_prefix_cache()
+        before = self.runner.state
         try:
             self.runner.update_weights(buckets, **options)
         finally:
+            # Only once a bucket landed: a refused first bucket changes nothing, cache included.
+            if self.runner.state is not before:
+                self.scheduler.reset_prefix_cache()
             self.scheduler.weight_version = self.runner.weight_version
 
     def sleep(self, level: int) -> None:

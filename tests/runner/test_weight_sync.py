@@ -131,6 +131,8 @@ def test_a_bucket_failing_its_checks_changes_nothing(llm, case):
     assert llm.runner.state.update_pending is None and llm.weight_version == 0
     assert leaves(llm).keys() == before.keys()
     assert all(np.array_equal(leaves(llm)[p], before[p]) for p in before)
+    # The prefixes cached by the last run stay cached: nothing changed.
+    assert llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].num_cached_tokens == 4
     assert run(llm) == outputs
 
 
