@@ -180,6 +180,30 @@ def test_a_stream_that_ends_early_is_incomplete_and_a_whole_reload_repairs_it(ll
     assert llm.runner.state.update_pending is None and run(llm) == expected
 
 
+def test_after_a_level_2_sleep_a_streamed_update_fills_the_weights(llm, other_tensors, target):
+    """No old leaves to free: the device holds only what has landed. KV scales the stream
+    leaves out become 1.0, as after a whole load."""
+    llm.sleep(2)
+    llm.wake_up()
+    buckets = random_buckets(other_tensors.items(), 5)
+    with pytest.raises(ConnectionError):
+        llm.update_weights(_then_fail(buckets[:2]))
+    with pytest.raises(RuntimeError, match="the weights are stale"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm.sleep(2)  # a stopped update can be dropped whole
+    llm.wake_up()
+    with pytest.raises(RuntimeError, match="woken from a level-2 sleep and hold no values"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm.update_weights(iter(buckets))
+    assert all(float(leaf.k_scale) == 1.0 == float(leaf.v_scale) for leaf in llm.runner.params.layers)
+    assert_serves(llm, target)
+
+
+def _then_fail(buckets: list):
+    yield from buckets
+    raise ConnectionError("trainer lost")
+
+
 def test_the_streamed_update_peaks_at_weights_plus_the_largest_bucket(llm, other_tensors, monkeypatch):
     """Live device bytes, taken after every leaf lands (its old leaf still alive: the peak)
     and at every bucket the trainer hands over, stay within weights + largest bucket + 5%."""
