@@ -90,7 +90,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                            moe_intermediate_size=20, tie_word_embeddings=True, vocab_size=128,
                                            num_attention_heads=8, num_key_value_heads=4, head_dim=8)),
 }
-# The families added beside the core's first two (the parity tests of tests/models/test_families.py).
+# The families added beside the core's first two (the parity tests of tests/e2e/test_families.py).
 FAMILY_VARIANTS = tuple(name for name, (family, _) in VARIANTS.items() if family not in ("qwen3", "llama"))
 
 

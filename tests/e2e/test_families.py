@@ -25,7 +25,7 @@ from runner.formats.param_tree import CheckpointError
 from runner.formats.safetensors_io import iter_safetensors
 from state.config import ModelConfig
 from tests.hf_models import FAMILY_VARIANTS
-from tests.runner.test_tensor_parallel import assert_same_outputs, run_worker
+from tests.e2e.test_tensor_parallel import assert_same_outputs, run_worker
 
 LLM_ARGS = dict(num_kv_blocks=64, block_size=8, max_model_len=128)
 PROMPTS = [[5, 17, 42, 8, 91, 33, 60, 7, 12, 77, 3, 50, 29], [9, 9, 4], [31, 2, 64, 11, 5, 80, 1]]
@@ -84,7 +84,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("name", WINDOWED)
 def test_a_prompt_longer_than_the_window_matches_transformers(name, hf_checkpoint):
     from state.request import Request
-    from tests.models.test_hf_parity import _our_logits
+    from tests.e2e.test_hf_parity import _our_logits
 
     folder, hf = hf_checkpoint(name)
     llm = LLM(str(folder), **LLM_ARGS)
