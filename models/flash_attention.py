@@ -153,7 +153,8 @@ def flash_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arr
                     spec: AttentionSpec | None = None) -> jax.Array:
     """Causal attention of `q: [T, H, Dh]` over each token's own cached context.
 
-    The same function as `models.attention.flat_attention` on a general batch built by
+    The same function as the plain definition (every token against every listed key, masked:
+    `tests/models/reference_attention.py`) on a general batch built by
     `prepare_batch` (tokens and blocks in sequence order), computed tile by tile.
     """
     T, H, Dh = q.shape
