@@ -189,6 +189,15 @@ class AsyncLLM:
     async def reload_weights(self, **source: Any) -> None:
         await self._call(lambda: self._idle("reload_weights") or self._llm.reload_weights(**source))
 
+    async def update_weights(self, buckets: Any, **options: Any) -> None:
+        """`LLM.update_weights` on the engine thread, between device calls; `buckets` is
+        consumed there (a plain iterable or generator, not an async one)."""
+        await self._call(lambda: self._idle("update_weights") or self._llm.update_weights(buckets, **options))
+
+    @property
+    def weight_version(self) -> int:
+        return self._llm.weight_version
+
     async def update_config(self, overrides: dict[str, Any]) -> RunnerConfig:
         return await self._call(lambda: self._idle("update_config") or self._llm.update_config(overrides))
 
@@ -202,7 +211,7 @@ class AsyncLLM:
         """As `LLM.collective_rpc`; a method that changes weights or KV waits for an idle
         engine as its own call does."""
         changes_state = isinstance(method, str) and method in ("sleep", "wake_up", "reload_weights",
-                                                                "update_config")
+                                                                "update_weights", "update_config")
         return await self._call(lambda: (self._idle(method) if changes_state else None)
                                 or self._llm.collective_rpc(method, timeout, args, kwargs))
 

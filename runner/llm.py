@@ -32,7 +32,8 @@ from state.config import ModelConfig, RunnerConfig
 from state.params import Params
 from state.request import Request
 
-RPC_METHODS = ("update_config", "reload_weights", "sleep", "wake_up", "reset_prefix_cache", "warmup")
+RPC_METHODS = ("update_config", "reload_weights", "update_weights", "sleep", "wake_up", "reset_prefix_cache",
+               "warmup")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -103,6 +104,17 @@ class LLM:
         return self.engine.scheduler
 
     @property
+    def weight_version(self) -> int:
+        """The version of the weights serving now (set by every reload and streamed update)."""
+        return self.engine.runner.weight_version
+
+    @property
+    def param_shardings(self) -> Params:
+        """Where the runner places each leaf (a `Params` tree of shardings): a tree already
+        there, in the runner's dtype, can be donated to `reload_weights` without a copy."""
+        return self.engine.runner.state.param_shardings
+
+    @property
     def tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
@@ -127,12 +139,29 @@ class LLM:
     @_exclusive
     def reload_weights(self, weights_path: str | None = None, weights_iterator: Any = None,
                        params: Params | None = None, is_checkpoint_format: bool = True,
-                       assume_same_model: bool = False) -> None:
-        """Swap in new weights (see `runner.device.lifecycle.reload_weights`); cached prefixes,
-        computed with the old weights, are dropped."""
+                       assume_same_model: bool = False, *, donate: bool = False,
+                       version: int | None = None) -> None:
+        """Swap in a whole new tree, atomically (see `runner.device.lifecycle.reload_weights`):
+        old and new weights coexist until the swap. `donate=True` adopts a `params` tree
+        already on `param_shardings` and the runner's dtype without a copy; the caller's
+        arrays are deleted. Sets `weight_version` to `version` (None: the next one); cached
+        prefixes, computed with the old weights, are dropped."""
         self.engine.reload_weights(weights_path=weights_path, weights_iterator=weights_iterator,
                                    params=params, is_checkpoint_format=is_checkpoint_format,
-                                   assume_same_model=assume_same_model)
+                                   assume_same_model=assume_same_model, donate=donate, version=version)
+
+    @_exclusive
+    def update_weights(self, buckets: Any, *, version: int | None = None, is_checkpoint_format: bool = True,
+                       donate: bool = False) -> None:
+        """Stream new weights in buckets at bounded peak memory (see
+        `runner.device.weight_sync`): `buckets` yields lists of (name, array) pairs,
+        checkpoint names or, with `is_checkpoint_format=False`, leaf paths. Each bucket is
+        checked in full before it lands; each old leaf is freed as its new one lands. Once
+        every leaf has been replaced, `weight_version` becomes `version` (None: the next).
+        An update that stops before that leaves the weights stale: generation refuses until
+        a later call sends the rest or `reload_weights` loads a whole tree."""
+        self.engine.update_weights(buckets, version=version, is_checkpoint_format=is_checkpoint_format,
+                                   donate=donate)
 
     @_exclusive
     def sleep(self, level: int = 1) -> None:

@@ -34,6 +34,12 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
+    # The weight version its KV was computed under (set at each admission): the root of its
+    # block hashes, so KV of older weights is never found by requests admitted later.
+    kv_weight_version: int = 0
+    # (index of the first output token, weight version) per run of tokens sampled under one
+    # version: one span unless the weights changed while the request ran.
+    weight_versions: list[tuple[int, int]] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None

@@ -4,6 +4,7 @@
     update_config  new config record; refuses what the field's `Effect` says a running
                    runner cannot apply
     reload_weights new parameter tree, validated in full before it replaces the old one
+                   (streamed updates and donated trees: `runner.device.weight_sync`)
     sleep          level 1: weights to host memory, KV freed; level 2: both freed
                    (`release` then deletes the old record's buffers, once it is swapped out)
     wake_up        restore "weights" and/or "kv_cache" on their original shardings (after
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 
 from runner.formats.hf_config import model_config_from_folder
-from runner.device import distributed, sharding
+from runner.device import distributed, sharding, weight_sync
 from runner.device.loader import load_params, params_from_checkpoint
 from runner.formats.param_tree import CheckpointError, assemble, leaf_tensors, tree_tensors
 from state.config import Effect, ModelConfig, RunnerConfig, changed_fields
@@ -110,19 +111,25 @@ def update_config(state: RunnerState, overrides: dict[str, Any]) -> RunnerState:
 def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None,
                    weights_iterator: Iterable[tuple[str, Any]] | Mapping[str, Any] | None = None,
                    params: Params | None = None, is_checkpoint_format: bool = True,
-                   assume_same_model: bool = False) -> RunnerState:
+                   assume_same_model: bool = False, donate: bool = False,
+                   version: int | None = None) -> RunnerState:
     """A record serving new weights; the old record is untouched if anything fails.
 
     Sources (at most one): none (the config's format and folder), `weights_path` (an HF or
     orbax folder, which becomes `model_config.model`), `weights_iterator` (name, array)
     pairs (checkpoint names when `is_checkpoint_format`, else leaf paths such as
     `layers.0.wq`; a subset updates only those tensors), or `params` (a whole tree in the
-    runner's layout). Arrays handed over are copied: the caller keeps its own. A folder
+    runner's layout). Arrays handed over are copied (device arrays device to device, onto
+    the runner's shardings, whatever mesh they come from): the caller keeps its own. With
+    `donate=True` a `params` tree already on the runner's dtypes and shardings is adopted
+    without a copy and the caller's arrays are deleted (`weight_sync.adopt`). A folder
     must hold a config.json describing the model served, unless `assume_same_model` says
-    the caller knows its tensors fit (e.g. an orbax folder saved without one).
+    the caller knows its tensors fit (e.g. an orbax folder saved without one). The record
+    gets `version` (None: the current one plus one).
 
     Raises:
-        ValueError: more than one source, or nothing to load from (dummy format).
+        ValueError: more than one source, nothing to load from (dummy format), a bad
+            `version`, or `donate=True` without `params`.
         CheckpointError: a missing, unexpected, duplicate, misshapen, wrongly typed or
             non-finite tensor; a folder that is not there or holds another model.
         RuntimeError: the weights are asleep.
@@ -133,17 +140,22 @@ def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None
         raise ValueError(f"reload_weights takes at most one weight source, got {', '.join(given)}")
     if "weights" in state.sleeping:
         raise RuntimeError("the weights are asleep: call wake_up(['weights']) before reload_weights()")
+    if donate and params is None:
+        raise ValueError("donate=True adopts a whole tree: pass it as params=...")
+    version = weight_sync.next_version(state, version)
     config = state.config
     cfg = config.model_config
     check_finite = config.load_config.check_finite
     target = state.param_shardings
-    # After a level-2 wake-up there are no values: a partial update has nothing to borrow
-    # the other leaves from.
-    base = None if state.weights_stale else state.params
-    if params is not None:
+    # After a level-2 wake-up there are no values, and a stopped streamed update left mixed
+    # ones: a partial update has nothing to borrow the other leaves from.
+    base = None if state.weights_stale or state.update_pending is not None else state.params
+    if params is not None and donate:
+        new_params = weight_sync.adopt(params, cfg, target, check_finite=check_finite)
+    elif params is not None:
         new_params = assemble(tree_tensors(params, cfg), cfg, shardings=target, check_finite=check_finite)
     elif weights_iterator is not None:
-        pairs = _pairs(weights_iterator)
+        pairs = weight_sync.pairs(weights_iterator, "weights_iterator")
         if is_checkpoint_format:
             new_params = params_from_checkpoint(pairs, cfg, base=base, check_finite=check_finite,
                                                 shardings=target)
@@ -161,7 +173,7 @@ def reload_weights(state: RunnerState, *, weights_path: str | Path | None = None
             _check_same_model(config, Path(config.model_config.model))
         new_params = load_params(config, target)
     return dataclasses.replace(state, config=config, params=new_params, host_params=None,
-                               weights_stale=False)
+                               weights_stale=False, update_pending=None, weight_version=version)
 
 
 def _point_at(config: RunnerConfig, weights_path: str | Path) -> RunnerConfig:
@@ -213,19 +225,6 @@ def _is_regular_file(path: Path) -> bool:
         return False
 
 
-def _pairs(items: Iterable[Any] | Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    """The (name, array) pairs of a weights_iterator (a dict is taken as its items)."""
-    if isinstance(items, Mapping):
-        items = items.items()
-    elif isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise CheckpointError(f"weights_iterator must yield (name, array) pairs, got a {type(items).__name__}")
-    for i, item in enumerate(items):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
-            raise CheckpointError(f"weights_iterator item {i} is not a (name, array) pair: "
-                                  f"got {type(item).__name__}")
-        yield item[0], item[1]
-
-
 def _to_host(array: jax.Array) -> list[tuple[jax.Device, np.ndarray]]:
     """The shards of `array` this process holds, in host memory (works across processes,
     where a whole-array read would need shards other processes own)."""
@@ -254,10 +253,14 @@ def sleep(state: RunnerState, level: int = 1) -> RunnerState:
     if state.sleeping:
         raise RuntimeError(f"the runner is already asleep ({', '.join(state.sleeping)} released); "
                            "call wake_up() first")
+    if level == 1 and state.update_pending is not None:
+        raise RuntimeError("sleep(level=1) would keep stale weights: a streamed update_weights is "
+                           "incomplete; finish it, reload_weights(...), or sleep(level=2) to drop them")
     # Weights woken from level 2 and not reloaded yet hold nothing worth keeping.
     keep = level == 1 and state.params is not None
     host = jax.tree.map(_to_host, state.params) if keep else None
-    return dataclasses.replace(state, params=None, kv_cache=None, host_params=host, weights_stale=False)
+    return dataclasses.replace(state, params=None, kv_cache=None, host_params=host, weights_stale=False,
+                               update_pending=None)
 
 
 def release(old: RunnerState) -> None:
@@ -268,7 +271,8 @@ def release(old: RunnerState) -> None:
     freed when the old record is dropped.
     """
     for leaf in jax.tree.leaves((old.params, old.kv_cache)):
-        leaf.delete()
+        if isinstance(leaf, jax.Array):  # a stopped streamed update may hold abstract leaves
+            leaf.delete()
 
 
 def wake_up(state: RunnerState, tags: list[str] | tuple[str, ...] | str | None = None) -> RunnerState:

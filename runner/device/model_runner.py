@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from models.llama import compute_logits, forward
-from runner.device import lifecycle, sharding
+from runner.device import lifecycle, sharding, weight_sync
 from models.decode_loop import DecodeState, MultiStepOutput, RowSettings, multi_step_decode, step_metadata
 from runner.device.prepare import (BucketSizes, multi_step_block_tables, prepare_batch, prepare_rows,
                                    prepare_state)
@@ -189,6 +189,7 @@ class SequenceResult:
     top_ids: np.ndarray | None = None  # [n, MAX_LOGPROBS] most likely tokens per step, when asked
     top_logprobs: np.ndarray | None = None  # [n, MAX_LOGPROBS] their log-probabilities
     prompt_logprobs: PromptLogprobs | None = None  # this chunk's positions, when asked
+    weight_version: int = 0  # of the weights that computed it
 
 
 @dataclass(frozen=True)
@@ -241,14 +242,30 @@ class ModelRunner:
         self._state = lifecycle.update_config(self._state, overrides)
         return self._state.config
 
+    @property
+    def weight_version(self) -> int:
+        return self._state.weight_version
+
     def reload_weights(self, weights_path: str | None = None, weights_iterator: Any = None,
                        params: Params | None = None, is_checkpoint_format: bool = True,
-                       assume_same_model: bool = False) -> None:
+                       assume_same_model: bool = False, donate: bool = False,
+                       version: int | None = None) -> None:
         self._state = lifecycle.reload_weights(self._state, weights_path=weights_path,
                                                weights_iterator=weights_iterator, params=params,
                                                is_checkpoint_format=is_checkpoint_format,
-                                               assume_same_model=assume_same_model)
+                                               assume_same_model=assume_same_model, donate=donate,
+                                               version=version)
         self._program_params = None  # derived from the old tree: not kept alive past the swap
+
+    def update_weights(self, buckets: Any, *, version: int | None = None, is_checkpoint_format: bool = True,
+                       donate: bool = False) -> None:
+        """A streamed update (`runner.device.weight_sync.streamed_update`): the record is
+        swapped at every step, so an error leaves the last one, which says what is stale."""
+        updates = weight_sync.streamed_update(self._state, buckets, version=version,
+                                              is_checkpoint_format=is_checkpoint_format, donate=donate)
+        self._program_params = None  # a derived copy would outlive the leaves it came from
+        for state in updates:
+            self._state = state
 
     def sleep(self, level: int = 1) -> None:
         old = self._state
@@ -363,7 +380,7 @@ class ModelRunner:
             if s.request.sampling_params.logprobs is not None:
                 fields.update(ranks=tuple(host[3][i, :n].tolist()), top_ids=host[4][i, :n],
                               top_logprobs=host[5][i, :n])
-            results[s.request.request_id] = SequenceResult(**fields)
+            results[s.request.request_id] = SequenceResult(**fields, weight_version=self._state.weight_version)
         return results
 
     def _execute_general(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
@@ -388,7 +405,7 @@ class ModelRunner:
             if prompt is not None and s.request.sampling_params.prompt_logprobs is not None:
                 rows_ = slice(offset, offset + s.num_tokens)
                 fields["prompt_logprobs"] = PromptLogprobs(*(a[rows_] for a in prompt))
-            results[s.request.request_id] = SequenceResult(**fields)
+            results[s.request.request_id] = SequenceResult(**fields, weight_version=self._state.weight_version)
             offset += s.num_tokens
         return results
 

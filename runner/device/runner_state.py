@@ -25,6 +25,11 @@ class RunnerState:
     kv_shardings: Any  # KV cache tree of shardings, reused when the cache is reallocated
     host_params: Any = None  # level-1 sleep: per leaf, this process's shards in host memory
     weights_stale: bool = False  # woken from level 2: awake (params None) until a reload fills them
+    weight_version: int = 0  # set by every reload and every completed streamed update
+    # Leaf paths a streamed update (`runner.device.weight_sync`) has not replaced since it
+    # began; None when no update is under way. While it is set the tree mixes two versions
+    # (or, after a level-2 sleep, holds abstract leaves) and is not served.
+    update_pending: frozenset[str] | None = None
 
     @property
     def sleeping(self) -> tuple[str, ...]:
@@ -44,3 +49,10 @@ class RunnerState:
         if self.weights_stale:
             raise RuntimeError("the weights were woken from a level-2 sleep and hold no values: "
                                "call reload_weights() before generating")
+        if self.update_pending is not None:
+            missing = sorted(self.update_pending)
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise RuntimeError(f"the weights are stale: a streamed update_weights stopped with {len(missing)} "
+                               f"leaf/leaves not replaced ({shown}), so the tree mixes two versions and is "
+                               "not served; send the rest with update_weights(...) or reload a whole tree "
+                               "with reload_weights(...)")

@@ -4,7 +4,9 @@ A block is *free* when no request holds it (reference count 0). Free blocks wait
 LRU queue; a free block that still carries a prefix hash keeps its KV contents and can be
 revived by a later request with the same prefix until the queue hands it out again
 (lazy eviction). A full block's hash chains its parent's: `sha256(parent_hash, token ids)`,
-so equal hashes mean equal whole prefixes, not just equal blocks.
+so equal hashes mean equal whole prefixes, not just equal blocks. The first block's parent
+is the weight version's root (`version_root`): KV computed under one version of the
+weights is found only by requests admitted under the same version.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
     h = hashlib.sha256(parent or b"")
     h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     return h.digest()
+
+
+def version_root(weight_version: int) -> bytes | None:
+    """The parent of a first block's hash under `weight_version` (None for version 0)."""
+    if weight_version == 0:
+        return None
+    return hashlib.sha256(b"weight version %d" % weight_version).digest()
 
 
 class BlockPool:
@@ -95,8 +104,8 @@ class BlockPool:
                 self.free_queue.pop(block, None)
             raise
 
-    def lookup_prefix(self, token_ids: Sequence[int],
-                      pending: Mapping[bytes, int] | None = None) -> tuple[list[int], list[bytes]]:
+    def lookup_prefix(self, token_ids: Sequence[int], pending: Mapping[bytes, int] | None = None,
+                      weight_version: int = 0) -> tuple[list[int], list[bytes]]:
         """The cached blocks of the longest cached prefix of `token_ids`, and their hashes.
 
         `pending` adds blocks not cached yet (hash -> block) whose KV is written before any
@@ -108,7 +117,7 @@ class BlockPool:
         if not self.enable_caching:
             return [], []
         pending = pending or {}
-        blocks, hashes, parent = [], [], None
+        blocks, hashes, parent = [], [], version_root(weight_version)
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
             digest = hash_block(parent, token_ids[start:start + self.block_size])
             block = self.cached.get(digest)
@@ -139,7 +148,7 @@ class BlockPool:
         return blocks, hashes
 
     def cache_blocks(self, blocks: Sequence[int], hashes: list[bytes], token_ids: Sequence[int],
-                     num_full_blocks: int) -> None:
+                     num_full_blocks: int, weight_version: int = 0) -> None:
         """Register the full blocks of a request beyond those already in `hashes`.
 
         `hashes` is the request's own list of its blocks' digests; it is extended in place.
@@ -147,7 +156,7 @@ class BlockPool:
         """
         if not self.enable_caching:
             return
-        digests = self.next_hashes(hashes, token_ids, num_full_blocks)
+        digests = self.next_hashes(hashes, token_ids, num_full_blocks, weight_version)
         fresh = [(digest, blocks[i]) for i, digest in enumerate(digests, start=len(hashes))
                  if digest not in self.cached and self.block_hash[blocks[i]] is None]
         known = len(hashes)
@@ -163,12 +172,14 @@ class BlockPool:
                 self.block_hash[block] = None
             raise
 
-    def next_hashes(self, hashes: Sequence[bytes], token_ids: Sequence[int], num_full_blocks: int) -> list[bytes]:
+    def next_hashes(self, hashes: Sequence[bytes], token_ids: Sequence[int], num_full_blocks: int,
+                    weight_version: int = 0) -> list[bytes]:
         """Digests of full blocks `len(hashes)` .. `num_full_blocks - 1` of `token_ids`,
-        chained on `hashes`, the digests of the blocks before them."""
+        chained on `hashes`, the digests of the blocks before them (on the version's root
+        for the first block)."""
         digests = []
         for i in range(len(hashes), num_full_blocks):
-            parent = digests[-1] if digests else hashes[-1] if hashes else None
+            parent = digests[-1] if digests else hashes[-1] if hashes else version_root(weight_version)
             digests.append(hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size]))
         return digests
 

@@ -39,6 +39,7 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, seed: int = 0) -> None:
         self.runner = runner
         self.scheduler = Scheduler(runner.config, runner.num_blocks)
+        self.scheduler.weight_version = runner.weight_version
         self.tokenizer = tokenizer
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
@@ -100,6 +101,18 @@ class Engine:
         self.scheduler.reset_prefix_cache()  # first: an interrupt after it leaves nothing stale
         self.runner.reload_weights(**source)
         self.scheduler.config = self.runner.config  # a weights_path becomes model_config.model
+        self.scheduler.weight_version = self.runner.weight_version
+
+    def update_weights(self, buckets: Any, **options: Any) -> None:
+        """A streamed update (`runner.device.weight_sync`). Requests still running keep
+        their KV and continue on the new weights (their outputs' `weight_versions` show
+        where); their blocks hash under the version they were admitted with, so no request
+        admitted later reuses KV computed under older weights."""
+        self.scheduler.reset_prefix_cache()
+        try:
+            self.runner.update_weights(buckets, **options)
+        finally:
+            self.scheduler.weight_version = self.runner.weight_version
 
     def sleep(self, level: int) -> None:
         self.scheduler.reset_prefix_cache()  # the KV contents are about to go
@@ -179,6 +192,9 @@ def _decoder(tokenizer: Tokenizer | None) -> Callable[[int], str] | None:
 def _record_sample(request: Request, result: SequenceResult, j: int, tokenizer: Tokenizer | None) -> None:
     token, logprob = result.token_ids[j], result.logprobs[j]
     request.output_token_ids.append(token)
+    spans = request.weight_versions
+    if not spans or spans[-1][1] != result.weight_version:
+        spans.append((len(request.output_token_ids) - 1, result.weight_version))
     request.cumulative_logprob += logprob
     k = request.sampling_params.logprobs
     if k is not None:

@@ -18,6 +18,9 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # (index of the first token, weight version) per run of tokens sampled by one version of
+    # the weights: one span unless the weights changed while the request ran.
+    weight_versions: list[tuple[int, int]] = field(default_factory=list)
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -70,4 +73,4 @@ def completion(index: int, r: Request) -> CompletionOutput:
         index=index, text="" if r.detokenizer is None else r.detokenizer.text, token_ids=list(r.output_token_ids),
         cumulative_logprob=r.cumulative_logprob if p.logprobs is not None else None,
         logprobs=list(r.output_logprobs) if p.logprobs is not None else None,
-        finish_reason=r.finish_reason, stop_reason=r.stop_reason)
+        finish_reason=r.finish_reason, stop_reason=r.stop_reason, weight_versions=list(r.weight_versions))

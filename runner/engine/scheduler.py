@@ -49,6 +49,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        # The version of the weights serving now: requests admitted from here on hash their
+        # blocks under it (`BlockPool` roots), so cached KV of other versions is never found.
+        self.weight_version = 0
         # Most decode steps one device call may run; None: no cap. A streaming front end
         # sets it from the measured time per step, so that no call outlasts its budget.
         self.step_cap: int | None = None
@@ -190,7 +193,7 @@ class Scheduler:
                 continue
             request = s.request
             digests = self.pool.next_hashes(request.block_hashes, request.all_token_ids,
-                                            s.end // self.block_size)
+                                            s.end // self.block_size, request.kv_weight_version)
             for i, digest in enumerate(digests, start=len(request.block_hashes)):
                 written.setdefault(digest, request.block_ids[i])
         return written
@@ -203,7 +206,8 @@ class Scheduler:
         tokens = request.all_token_ids
         # Prompt logprobs need every prompt position computed: such requests skip the cache.
         wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
-        blocks, hashes = ([], []) if wants_prompt_logprobs else self.pool.lookup_prefix(tokens, written)
+        blocks, hashes = ([], []) if wants_prompt_logprobs else self.pool.lookup_prefix(
+            tokens, written, self.weight_version)
         # At least one token must run through the model to produce the next token's logits.
         while blocks and len(blocks) * self.block_size >= len(tokens):
             self.pool.free([blocks.pop()])
@@ -223,6 +227,7 @@ class Scheduler:
             return False
         request.block_ids = blocks + self.pool.allocate(needed)
         request.block_hashes = hashes
+        request.kv_weight_version = self.weight_version
         request.num_computed_tokens = num_cached
         if first_admission:
             request.num_cached_tokens = num_cached
@@ -275,7 +280,7 @@ class Scheduler:
         request.num_computed_tokens = s.end + num_tokens - 1
         self.stats.num_computed_tokens += request.num_computed_tokens - s.start
         self.pool.cache_blocks(request.block_ids, request.block_hashes, request.all_token_ids,
-                               request.num_computed_tokens // self.block_size)
+                               request.num_computed_tokens // self.block_size, request.kv_weight_version)
 
     def finish(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """Retire a request and return its blocks to the pool (its cached prefix stays)."""

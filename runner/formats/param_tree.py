@@ -23,7 +23,8 @@ anything (for writers: orbax saves, HF export).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Container, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -84,23 +85,64 @@ def assemble(tensors: Iterable[Tensor], cfg: ModelConfig, *, base: Params | None
     placements = dict(zip(paths, jax.tree.leaves(shardings))) if shardings is not None else {}
     leaves: dict[str, Any] = {}
     on_device: list[tuple[str, Tensor]] = []  # finiteness checked in one program at the end
+    local: list[tuple[str, jax.Array]] = []  # already on their targets' devices: copied in one program
+    seen: set[str] = set()
     for t in tensors:
-        if t.path not in specs:
-            raise CheckpointError(f"unexpected {t.label}: the model has no leaf {t.path!r} "
-                                  "(leaves are named like 'embed', 'layers.0.wq')")
-        if t.path in leaves:
-            raise CheckpointError(f"{t.label} appears twice")
-        array = _checked(t, specs[t.path], cast, check_finite)
+        array = _checked_new(t, specs, seen, cast, check_finite)
+        seen.add(t.path)
+        target = placements.get(t.path)
         if isinstance(array, jax.Array):
             on_device.append((t.path, t))
-        leaves[t.path] = _place(array, placements.get(t.path), copy)
+            if copy and target is not None and _device_order(array.sharding) == _device_order(target):
+                local.append((t.path, array))
+                continue
+        leaves[t.path] = place(array, target, copy)
+    if local:
+        copies = _copier(tuple(placements[p] for p, _ in local))([a for _, a in local])
+        leaves.update(zip((p for p, _ in local), copies))
     if check_finite and on_device:
-        finite = jax.device_get(_finite_leaves([leaves[p] for p, _ in on_device]))
+        finite = jax.device_get(finite_leaves([leaves[p] for p, _ in on_device]))
         bad = [t for (_, t), ok in zip(on_device, finite) if not ok]
         if bad:
             raise CheckpointError(f"{bad[0].label} holds NaN or infinite values "
                                   "(load_config.check_finite=False accepts them)")
     return _complete(leaves, abstract, base, placements, source, cfg)
+
+
+def check_bucket(tensors: Iterable[Tensor], cfg: ModelConfig, *, cast: bool = False,
+                 check_finite: bool = True) -> dict[str, Any]:
+    """Leaf path -> array of `tensors`, each checked by the rules above (names, shapes,
+    dtypes, finiteness); nothing is placed. Device arrays are checked for finiteness where
+    they lie, one small program each, so a bucket on another mesh moves nowhere to be checked.
+
+    Raises:
+        CheckpointError: naming the first tensor that breaks a rule.
+    """
+    specs = dict(zip(leaf_paths(abstract_params(cfg)), jax.tree.leaves(abstract_params(cfg))))
+    leaves: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for t in tensors:
+        leaves[t.path] = _checked_new(t, specs, leaves, cast, check_finite)
+        labels[t.path] = t.label
+    on_device = [p for p, a in leaves.items() if isinstance(a, jax.Array)]
+    if check_finite and on_device:
+        finite = jax.device_get([_all_finite(leaves[p]) for p in on_device])
+        bad = [p for p, ok in zip(on_device, finite) if not ok]
+        if bad:
+            raise CheckpointError(f"{labels[bad[0]]} holds NaN or infinite values "
+                                  "(load_config.check_finite=False accepts them)")
+    return leaves
+
+
+def _checked_new(t: Tensor, specs: dict[str, jax.ShapeDtypeStruct], seen: Container[str], cast: bool,
+                 check_finite: bool) -> Any:
+    """`_checked`, for a tensor naming a leaf of the model not `seen` before."""
+    if t.path not in specs:
+        raise CheckpointError(f"unexpected {t.label}: the model has no leaf {t.path!r} "
+                              "(leaves are named like 'embed', 'layers.0.wq')")
+    if t.path in seen:
+        raise CheckpointError(f"{t.label} appears twice")
+    return _checked(t, specs[t.path], cast, check_finite)
 
 
 def _checked(t: Tensor, spec: jax.ShapeDtypeStruct, cast: bool, check_finite: bool) -> Any:
@@ -120,7 +162,7 @@ def _checked(t: Tensor, spec: jax.ShapeDtypeStruct, cast: bool, check_finite: bo
         raise CheckpointError(f"{t.label} has dtype {dtype}; expected {np.dtype(spec.dtype).name} "
                               "(convert explicitly with .astype before handing it over)")
     if optional:
-        value = float(np.asarray(array, np.float32))
+        value = float(np.asarray(jax.device_get(array), np.float32))  # explicit: one scalar
         if not (np.isfinite(value) and value > 0):
             raise CheckpointError(f"{t.label} is {value}; a KV cache scale must be a positive "
                                   "number (the cache stores values divided by it)")
@@ -173,7 +215,9 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
-def _place(array: Any, sharding: Any, copy: bool) -> Any:
+def place(array: Any, sharding: Any, copy: bool) -> Any:
+    """A checked array on `sharding`. A JAX array moves device to device (a trainer's tree
+    on another mesh is resharded by `device_put`, never through host memory)."""
     if sharding is None and not copy:
         return array
     if copy and isinstance(array, np.ndarray):
@@ -241,13 +285,32 @@ def validate_params(params: Any, cfg: ModelConfig, *, check_finite: bool = True)
             raise CheckpointError(f"leaf {path!r} has dtype {dtype}; expected {spec.dtype} "
                                   "(convert explicitly with .astype before handing it over)")
     if check_finite:
-        finite = jax.device_get(_finite_leaves(jax.tree.leaves(params)))
+        finite = jax.device_get(finite_leaves(jax.tree.leaves(params)))
         bad = [p for p, ok in zip(paths, finite) if not ok]
         if bad:
             raise CheckpointError(f"leaf {bad[0]!r} holds NaN or infinite values")
 
 
+def _device_order(sharding: Any) -> tuple[jax.Device, ...] | None:
+    """The devices of a sharding in mesh order (arrays one program takes must agree on it)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return tuple(sharding.mesh.devices.flat)
+    return tuple(sharding.device_set) if len(sharding.device_set) == 1 else None
+
+
+@functools.lru_cache(maxsize=16)
+def _copier(targets: tuple[Any, ...]) -> Any:
+    """One program copying device arrays onto `targets` (on the same devices: XLA moves
+    shards between them): a whole tree costs one dispatch, not one transfer per leaf."""
+    return jax.jit(lambda arrays: [jnp.copy(a) for a in arrays], out_shardings=list(targets))
+
+
 @jax.jit
-def _finite_leaves(leaves: list[jax.Array]) -> jax.Array:
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()
+
+
+@jax.jit
+def finite_leaves(leaves: list[jax.Array]) -> jax.Array:
     """[num_leaves] bool: one program per tree shape, one transfer for the whole tree."""
     return jnp.stack([jnp.isfinite(x).all() for x in leaves])
