@@ -9,12 +9,20 @@ request rate; a rate runs on both servers before the next rate starts, and the s
 goes first alternates, so a neighbour's load on this shared host falls on both sides of a
 ratio. Requests are greedy with EOS ignored, as in W1.
 
-Before the measured runs each server gets an unrecorded warm-up run at every rate (fewer
-requests, but at least max_num_seqs at the saturating rate): our engine compiles a program
-for each batch shape on its first use, and the warm-up runs reach the shapes the measured
-runs reach. vLLM compiles at start-up. `--compile-warmup` instead first calls our
-`/collective_rpc warmup`, which compiles every program the serving loop can ever need:
-complete, but slow on a small CPU host. Start-up and warm-up times are reported.
+Before the measured runs each server gets an unrecorded warm-up run at every rate, the
+same as the measured one (same requests, and the client's seeded arrival times): our engine
+compiles a program for each batch shape on its first use, and a run at a rate reaches the
+shapes its twin reaches, where a shorter run stays at lower concurrency and leaves shapes
+to compile inside the measurement. vLLM compiles at start-up. `--compile-warmup` first
+calls our `/collective_rpc warmup`, which compiles every program the serving loop can ever
+need: complete, but slow on a small CPU host, unless `--compilation-cache DIR` holds them
+from an earlier run (the offline engine and our server share that cache). Start-up and
+warm-up times are reported.
+
+On CPU, `vllm serve` binds its engine's threads to all cores but one, which it keeps for its
+HTTP front end (VLLM_CPU_NUM_OF_RESERVED_CPU and VLLM_CPU_OMP_THREADS_BIND, passed through
+from the environment, change that); our server runs XLA's threads and the front end in one
+process on every core. Both are each engine's own default on this host.
 
 In the same run, `LLM.generate` handles the same number of requests of the same prompt and
 output lengths in one call, after an identical warm-up call: the server's output tokens/s
@@ -86,17 +94,17 @@ METRICS = (
 
 @dataclass(frozen=True)
 class ServeWorkload:
-    """The requests and engine settings both servers get. Defaults are sized for a real
-    measurement on a 2-core host: the saturating rate and rates below and above vLLM's
-    offline throughput for W1 at batch 32."""
+    """The requests and engine settings both servers get. The defaults are W1's lengths and
+    largest batch, two rates under the request rate W1's offline throughput at batch 32
+    allows on a 2-core host, and the saturating rate (all requests at once)."""
 
     input_len: int = 128
     output_len: int = 64
     num_prompts: int = 64
-    request_rates: tuple[float, ...] = (1.0, 2.0, 4.0, math.inf)
+    request_rates: tuple[float, ...] = (2.0, 4.0, math.inf)
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 4096
-    warmup_prompts: int = 16  # per rate; the saturating rate's warm-up has max_num_seqs at least
+    warmup_prompts: int | None = None  # per rate; None: num_prompts (a twin of the measured run)
     dtype: str = "float32"
     seed: int = 0
 
@@ -104,9 +112,10 @@ class ServeWorkload:
     def max_model_len(self) -> int:
         return self.input_len + self.output_len
 
-    def warmup_count(self, rate: float) -> int:
-        """Requests of the warm-up run at `rate`: a saturating run fills the batch."""
-        return max(self.warmup_prompts, self.max_num_seqs) if math.isinf(rate) else self.warmup_prompts
+    @property
+    def warmup_count(self) -> int:
+        """Requests of each rate's warm-up run."""
+        return self.num_prompts if self.warmup_prompts is None else self.warmup_prompts
 
     def workload(self) -> Workload:
         """W1 with these lengths (the weights depend on W1's shape and seed only)."""
@@ -214,14 +223,16 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def ours_command(python: str, folder: Path, port: int, sw: ServeWorkload, control: bool = False) -> list[str]:
+def ours_command(python: str, folder: Path, port: int, sw: ServeWorkload, control: bool = False,
+                 compilation_cache: Path | None = None) -> list[str]:
     """Our server's command line; `control` adds the control endpoints (`/collective_rpc`)."""
     return [python, "-m", "runner", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", SERVED_NAME, "--dtype", sw.dtype, "--max-model-len", str(sw.max_model_len),
             "--max-num-seqs", str(sw.max_num_seqs), "--max-num-batched-tokens", str(sw.max_num_batched_tokens),
             "--num-kv-blocks", str(cdiv(sw.max_model_len, BLOCK_SIZE) * sw.max_num_seqs + 1),
             "--block-size", str(BLOCK_SIZE), "--no-enable-prefix-caching", "--seed", str(sw.seed),
-            "--uvicorn-log-level", "warning", *(["--enable-control-endpoints"] if control else [])]
+            "--uvicorn-log-level", "warning", *(["--enable-control-endpoints"] if control else []),
+            *(["--compilation-cache", str(compilation_cache)] if compilation_cache else [])]
 
 
 def vllm_command(vllm_python: str, folder: Path, port: int, sw: ServeWorkload) -> list[str]:
@@ -285,13 +296,17 @@ def ratios(ours: dict[str, Any], vllm: dict[str, Any]) -> dict[str, float]:
     return {key: ours[key] / vllm[key] for key, _, _ in METRICS if vllm[key]}
 
 
-def offline_throughput(folder: Path, sw: ServeWorkload) -> dict[str, float]:
+def offline_throughput(folder: Path, sw: ServeWorkload, compilation_cache: Path | None = None) -> dict[str, float]:
     """`LLM.generate` on num_prompts requests of the same lengths in one call, timed after
     an identical call that compiles its shapes; the engine settings are the server's."""
     import numpy as np
 
+    from runner.device.compilation import enable_persistent_cache
     from runner.llm import LLM
     from runner.sampling_params import SamplingParams
+
+    if compilation_cache is not None:
+        enable_persistent_cache(compilation_cache)
 
     llm = LLM(str(folder), dtype=sw.dtype, max_model_len=sw.max_model_len, max_num_seqs=sw.max_num_seqs,
               max_num_batched_tokens=sw.max_num_batched_tokens, block_size=BLOCK_SIZE,
@@ -314,7 +329,7 @@ def offline_throughput(folder: Path, sw: ServeWorkload) -> dict[str, float]:
 
 @contextlib.contextmanager
 def started_servers(sides: Sequence[str], folder: Path, sw: ServeWorkload, vllm_python: str, logs: Path,
-                    control: bool, start_timeout_s: float, report: dict[str, Any],
+                    control: bool, compilation_cache: Path | None, start_timeout_s: float, report: dict[str, Any],
                     log: Callable[[str], None]) -> Iterator[dict[str, Server]]:
     """Start each side's server in turn (each start timed alone) and end them all on exit."""
     with contextlib.ExitStack() as stack:
@@ -323,7 +338,7 @@ def started_servers(sides: Sequence[str], folder: Path, sw: ServeWorkload, vllm_
             port = free_port()
             if side == "ours":
                 env = {**os.environ, "PYTHONPATH": str(ROOT)}
-                command = ours_command(sys.executable, folder, port, sw, control)
+                command = ours_command(sys.executable, folder, port, sw, control, compilation_cache)
             else:
                 env, command = vllm_env(), vllm_command(vllm_python, folder, port, sw)
             servers[side] = stack.enter_context(Server(side, command, port, logs / f"{side}.log", env))
@@ -333,10 +348,11 @@ def started_servers(sides: Sequence[str], folder: Path, sw: ServeWorkload, vllm_
 
 
 def run(sw: ServeWorkload, vllm_python: str, sides: Sequence[str] = SIDES, offline: bool = True,
-        compile_warmup: bool = False, start_timeout_s: float = 900.0, run_timeout_s: float = 900.0,
-        log_dir: Path | None = None,
+        compile_warmup: bool = False, compilation_cache: Path | None = None, start_timeout_s: float = 900.0,
+        run_timeout_s: float = 900.0, log_dir: Path | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every figure of the run as a dict (see the module docstring for the procedure)."""
+    load_at_start = os.getloadavg()
     workload = dataclasses.asdict(sw) | {"request_rates": [rate_name(r) for r in sw.request_rates]}
     report: dict[str, Any] = {"workload": workload, "vllm_python": vllm_python,
                               **{side: {"rates": {}} for side in sides}}
@@ -346,15 +362,15 @@ def run(sw: ServeWorkload, vllm_python: str, sides: Sequence[str] = SIDES, offli
         logs.mkdir(parents=True, exist_ok=True)
         folder = build_folder(sw, tmp_path / "w1")
         if offline:
-            report["offline"] = offline_throughput(folder, sw)
+            report["offline"] = offline_throughput(folder, sw, compilation_cache)
             log(f"offline LLM.generate: {report['offline']['output_throughput']:.1f} output tok/s")
 
         def bench(server: Server, rate: float, num_prompts: int, name: str) -> dict[str, Any]:
             command = client_command(vllm_python, folder, server.port, sw, rate, num_prompts, tmp_path, name)
             return summarize(run_client(command, tmp_path / name, run_timeout_s))
 
-        with started_servers(sides, folder, sw, vllm_python, logs, compile_warmup, start_timeout_s, report,
-                             log) as servers:
+        with started_servers(sides, folder, sw, vllm_python, logs, compile_warmup, compilation_cache,
+                             start_timeout_s, report, log) as servers:
             if compile_warmup and "ours" in servers:
                 start = time.monotonic()
                 servers["ours"].post("/collective_rpc", {"method": "warmup"}, timeout_s=start_timeout_s)
@@ -363,7 +379,7 @@ def run(sw: ServeWorkload, vllm_python: str, sides: Sequence[str] = SIDES, offli
             for side, server in servers.items():
                 start = time.monotonic()
                 for rate in sw.request_rates:
-                    bench(server, rate, sw.warmup_count(rate), f"{side}-warmup-{rate_name(rate)}.json")
+                    bench(server, rate, sw.warmup_count, f"{side}-warmup-{rate_name(rate)}.json")
                 report[side]["warmup_runs_s"] = time.monotonic() - start
                 log(f"{side}: warm-up runs took {report[side]['warmup_runs_s']:.1f} s")
             for i, rate in enumerate(sw.request_rates):
@@ -373,6 +389,8 @@ def run(sw: ServeWorkload, vllm_python: str, sides: Sequence[str] = SIDES, offli
                     report[side]["rates"][rate_name(rate)] = summary
                     log(f"rate {rate_name(rate)}: {side} {summary['output_throughput']:.1f} output tok/s, "
                         f"{summary['completed']} completed, {summary['failed']} failed")
+    # The host is shared: its load says how much the figures were squeezed.
+    report["load_average_1min"] = {"start": load_at_start[0], "end": os.getloadavg()[0]}
     add_ratios(report)
     return report
 
@@ -424,6 +442,9 @@ def table(report: dict[str, Any]) -> str:
         if "startup_s" in r:
             lines.append(f"{side}: answered after {r['startup_s']:.1f} s{extra}, warm-up runs "
                          f"{r.get('warmup_runs_s', 0.0):.1f} s")
+    if "load_average_1min" in report:
+        load = report["load_average_1min"]
+        lines.append(f"host load average (1 min): {load['start']:.1f} at start, {load['end']:.1f} at end")
     return "\n".join(lines)
 
 
@@ -444,12 +465,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests/s ('inf': all at once)")
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
-    p.add_argument("--warmup-prompts", type=int, default=defaults.warmup_prompts)
+    p.add_argument("--warmup-prompts", type=int, default=None,
+                   help="requests of each rate's warm-up run (default: --num-prompts)")
     p.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"])
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES, help="servers to run")
     p.add_argument("--no-offline", action="store_true", help="skip the offline LLM.generate figure")
     p.add_argument("--compile-warmup", action="store_true",
                    help="before the warm-up runs, compile every program of our server (/collective_rpc warmup)")
+    p.add_argument("--compilation-cache", type=Path, default=None, metavar="DIR",
+                   help="persistent compilation cache of our engine, shared by the offline run and the server")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to answer")
     p.add_argument("--run-timeout", type=float, default=900.0, help="seconds one client run may take")
     p.add_argument("--log-dir", type=Path, default=None, help="keep the servers' logs here")
@@ -460,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                        max_num_batched_tokens=args.max_num_batched_tokens, warmup_prompts=args.warmup_prompts,
                        dtype=args.dtype)
     report = run(sw, args.vllm_python, sides=args.sides, offline=not args.no_offline,
-                 compile_warmup=args.compile_warmup, start_timeout_s=args.start_timeout,
+                 compile_warmup=args.compile_warmup, compilation_cache=args.compilation_cache,
+                 start_timeout_s=args.start_timeout,
                  run_timeout_s=args.run_timeout, log_dir=args.log_dir)
     print(table(report))
     if args.json is not None:

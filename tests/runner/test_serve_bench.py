@@ -67,9 +67,9 @@ def test_both_servers_get_the_same_engine_settings(tmp_path):
     assert "--ignore-eos" in client and flag(client, "--temperature") == "0"
 
 
-def test_warmup_fills_the_batch_at_the_saturating_rate():
-    sw = ServeWorkload(warmup_prompts=4, max_num_seqs=8)
-    assert sw.warmup_count(math.inf) == 8 and sw.warmup_count(2.0) == 4
+def test_warmup_run_twins_the_measured_one_unless_told():
+    assert ServeWorkload(num_prompts=12).warmup_count == 12
+    assert ServeWorkload(num_prompts=12, warmup_prompts=3).warmup_count == 3
 
 
 def test_summary_reads_vllm_result_keys_and_refuses_missing_ones():
