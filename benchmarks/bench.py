@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from runner.formats.bridge import save_pretrained
+from runner.formats.tokenizer import Tokenizer
 from runner.device.compilation import CompileCounter
 from runner.llm import LLM
 from runner.device.loader import dummy_params
@@ -76,6 +77,12 @@ class Workload:
     def prompts(self, batch_size: int) -> list[list[int]]:
         rng = np.random.default_rng(self.seed + batch_size)
         return rng.integers(0, self.vocab_size, (batch_size, self.prompt_len)).tolist()
+
+
+def w1_folder(w: Workload, folder: Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write W1's model (seeded random weights) as a Hugging Face folder; returns the folder."""
+    cfg = w.model_config()
+    return save_pretrained(folder, dummy_params(cfg, w.seed), cfg, tokenizer)
 
 
 def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -342,9 +349,7 @@ def run(w: Workload = Workload(), model: str | None = None, reference: bool = Tr
     max_len = w.prompt_len + w.max_tokens
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
-            cfg = w.model_config()
-            params = dummy_params(cfg, w.seed)
-            folder = save_pretrained(Path(tmp) / "w1", params, cfg)
+            folder = w1_folder(w, Path(tmp) / "w1")
         else:
             folder = Path(model)
         blocks_per_seq = cdiv(max_len, 16)

@@ -5,17 +5,15 @@ of all heads is one contiguous row of `S*K*Dh` values: reading a sequence's bloc
 row gather, the cheapest access XLA's CPU backend has (about 3x a per-head gather).
 
 Readers of the layout:
-    flat_attention    any mix of prefills, prefill chunks and decodes (`Batch.key_block_*`):
-                      every token against every listed key, the plain definition the
-                      tiled reader is checked against
-    flash_attention   the same function tile by tile, each token against its own
-                      sequence's blocks only (`models.flash_attention`): general steps
+    flash_attention   any mix of prefills, prefill chunks and decodes (`Batch.key_block_*`),
+                      tile by tile, each token against its own sequence's blocks only
+                      (`models.flash_attention`): general steps. The tests check it against
+                      the plain definition, every token against every listed key
+                      (`tests/models/reference_attention.py`)
     decode_attention  one query per sequence (`Batch.block_tables`, `Batch.seq_lens`)
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +29,8 @@ def write_kv(cache: KVCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
     """Scatter `k, v: [T, K, Dh]` into their slots; slot -1 writes nothing."""
     P, S, K, Dh = cache.k.shape
     # Indexed by (block, offset) on the 4-d cache, not by slot on a [P*S] reshape: around a
-    # reshape XLA's CPU backend copied the whole cache whenever attention then read it (one
-    # row: 110 ms against 0.5 ms for 16 layer caches of 3.2 MB). Negative slots would wrap to
-    # the last block; they point past the end and are dropped.
+    # reshape XLA's CPU backend copied the whole cache whenever attention then read it.
+    # Negative slots would wrap to the last block; they point past the end and are dropped.
     blocks = jnp.where(slot_mapping < 0, P, slot_mapping // S)
     offsets = slot_mapping % S
 
@@ -50,42 +47,12 @@ def gather_blocks(pages: jax.Array, block_ids: jax.Array, scale: jax.Array) -> j
     return dequantise(rows, scale).reshape(*block_ids.shape, S, K, Dh)
 
 
-def flat_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
-                   v_scale: jax.Array, gather: Callable = gather_blocks,
-                   spec: AttentionSpec | None = None) -> jax.Array:
-    """Causal attention of `q: [T, H, Dh]` over the cached context of each token's sequence.
-
-    Reads the N blocks the batch lists once, then masks by owner sequence and position, so
-    prefill chunks and decodes of different lengths share one computation. `gather` reads
-    blocks as `[N, S, K, Dh]` float32 from the backend's layout.
-    """
-    T, H, Dh = q.shape
-    spec = spec or default_spec(Dh)
-    N = batch.key_block_ids.shape[0]
-    keys = gather(cache.k, batch.key_block_ids, k_scale)  # [N, S, K, Dh]
-    values = gather(cache.v, batch.key_block_ids, v_scale)
-    S, K = keys.shape[1], keys.shape[2]
-    keys, values = keys.reshape(N * S, K, Dh), values.reshape(N * S, K, Dh)
-    key_pos = (batch.key_block_pos[:, None] + jnp.arange(S, dtype=jnp.int32)).reshape(N * S)
-    key_seq = jnp.repeat(batch.key_block_seq, S)
-    visible = (key_seq[None, :] == batch.token_seq[:, None]) & in_window(
-        key_pos[None, :], batch.positions[:, None], spec)  # [T, N*S]
-
-    qg = q.astype(jnp.float32).reshape(T, K, H // K, Dh)
-    scores = capped(jnp.einsum("tkgd,nkd->kgtn", qg, keys) * spec.scale, spec)
-    scores = jnp.where(visible[None, None], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("kgtn,nkd->tkgd", probs, values)
-    return out.reshape(T, H, Dh).astype(q.dtype)
-
-
 def decode_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Array,
                      v_scale: jax.Array, spec: AttentionSpec | None = None) -> jax.Array:
     """Attention of one query per sequence, `q: [B, H, Dh]`, over its first seq_lens keys.
 
-    Two batched dots per KV head group, keys taken in the cache's own `[N, K, Dh]` order.
-    On an AVX2 host this ran 1.15x to 1.25x (batch 32) and 1.3x (batch 8) faster than the
-    broadcast-multiply-and-sum form, which materialises `[B, N, K, G, Dh]` products.
+    Two batched dots per KV head group, keys taken in the cache's own `[N, K, Dh]` order,
+    rather than a broadcast multiply and sum, which materialises `[B, N, K, G, Dh]` products.
     """
     B, H, Dh = q.shape
     spec = spec or default_spec(Dh)

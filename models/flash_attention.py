@@ -21,9 +21,9 @@ traced value, so one program serves every mix of lengths within a bucket.
 
 Both backends' layouts are read: the Pallas backend's heads-first `[K, P, S, Dh]` pages and
 the reference backend's blocks-first `[P, S, K, Dh]` pages (`heads_first=False`). On the
-reference backend this is the general step's reader too: on W1 at batch 8 (eight 128-token
-prompts in one 1024-token step) it took 16-36 ms per layer against 270-400 ms for the
-`[T, N*S]` reader, which scores every token against all eight sequences' keys.
+reference backend this is the general step's reader too: a `[T, N*S]` reader would score
+every token of a step against every sequence's keys, which grows with the square of the
+number of prompts a step holds.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def flash_attention(q: jax.Array, cache: KVCache, batch: Batch, k_scale: jax.Arr
                     spec: AttentionSpec | None = None) -> jax.Array:
     """Causal attention of `q: [T, H, Dh]` over each token's own cached context.
 
-    The same function as `models.attention.flat_attention` on a general batch built by
+    The same function as the plain definition (every token against every listed key, masked:
+    `tests/models/reference_attention.py`) on a general batch built by
     `prepare_batch` (tokens and blocks in sequence order), computed tile by tile.
     """
     T, H, Dh = q.shape

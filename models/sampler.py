@@ -5,9 +5,9 @@ vocabulary, in vocabulary order, before any masking: a seeded request's tokens d
 its own (seed, position) only, never on what else shares the batch or on which optional
 stages the batch switched on.
 
-Optional stages are switched on per batch by the structure of `SamplingMetadata` (a None
-field skips its stage) and by the static `SamplerFlags`, so a greedy batch pays for no
-sort, no noise and no penalty bookkeeping.
+One compiled program serves every mix of requests (`sample_switched`): each optional stage
+runs under a device-side switch on what the rows ask for, so a greedy batch pays for no sort,
+no noise and no penalty bookkeeping.
 """
 
 from __future__ import annotations
@@ -41,15 +41,6 @@ class SamplingMetadata:
     repetition_penalty: Any = None  # [B] f32
 
 
-@dataclass(frozen=True)
-class SamplerFlags:
-    """Static switches: each distinct value is one compilation of the sampler."""
-
-    all_greedy: bool
-    needs_sort: bool  # some row uses top_k or top_p
-    num_logprobs: int  # 0, or MAX_LOGPROBS when some row asks for logprobs
-
-
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SamplerOutput:
@@ -60,7 +51,7 @@ class SamplerOutput:
     ranks: Any  # [B] i32 1-based rank of the chosen token in the full distribution (0: not asked)
 
 
-def _scatter_rows(shape: tuple[int, int], ids: jax.Array, values: jax.Array) -> jax.Array:
+def scatter_rows(shape: tuple[int, int], ids: jax.Array, values: jax.Array) -> jax.Array:
     rows = jnp.arange(shape[0])[:, None]
     return jnp.zeros(shape, values.dtype).at[rows, ids].add(values, mode="drop")
 
@@ -69,8 +60,8 @@ def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
     """vLLM's penalties: repetition (multiplicative, prompt and output tokens), then
     frequency and presence (additive, output tokens only)."""
     shape = logits.shape
-    out_counts = _scatter_rows(shape, meta.output_ids, jnp.ones(meta.output_ids.shape, jnp.float32))
-    in_prompt = _scatter_rows(shape, meta.prompt_ids, jnp.ones(meta.prompt_ids.shape, jnp.float32)) > 0
+    out_counts = scatter_rows(shape, meta.output_ids, jnp.ones(meta.output_ids.shape, jnp.float32))
+    in_prompt = scatter_rows(shape, meta.prompt_ids, jnp.ones(meta.prompt_ids.shape, jnp.float32)) > 0
     seen = in_prompt | (out_counts > 0)
     rep = meta.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
@@ -95,27 +86,12 @@ def _top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     return jnp.where(logits < jnp.maximum(kth, pth), -jnp.inf, logits)
 
 
-def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> SamplerOutput:
-    """Choose one token per row of `logits: [B, V]` float32."""
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    x = logits
-    if meta.bias_ids is not None:
-        x = x + _scatter_rows(logits.shape, meta.bias_ids, meta.bias_values)
-    if meta.output_ids is not None:
-        x = apply_penalties(x, meta)
-    tokens = _choose(x, meta, flags)
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
-    ranks = _ranks(raw_logprobs, chosen) if flags.num_logprobs else jnp.zeros(logits.shape[0], jnp.int32)
-    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, ranks)
-
-
 def first_argmax(x: jax.Array) -> jax.Array:
     """[B] i32 `jnp.argmax(x, axis=-1)`: the first maximum, or the first NaN where a row has one.
 
     Written as a max, then a min over the positions that reach it: two plain reductions
     that XLA's CPU backend vectorises, where `argmax` lowers to a (value, index) reduction
-    that it runs element by element, 4x slower on [32, 32000] float32 logits.
+    that it runs element by element (README, "Why the programs look as they do").
     """
     top = jnp.max(x, axis=-1, keepdims=True)  # NaN when the row has one
     hit = (x == top) | jnp.isnan(x)
@@ -123,18 +99,22 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, positions, x.shape[-1]), axis=-1)
 
 
-def _choose(x: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> jax.Array:
+def choose(x: jax.Array, meta: SamplingMetadata, all_greedy: bool, needs_sort: bool) -> jax.Array:
     """[B] tokens from biased, penalised logits: argmax for greedy rows, else Gumbel-max
-    over the temperature-scaled, min_p / top-k / top-p masked row."""
+    over the temperature-scaled, min_p / top-k / top-p masked row.
+
+    `all_greedy` skips everything but the argmax; `needs_sort` (some row uses top_k or
+    top_p) adds the sort. Both are static: each pair is its own branch of `sample_switched`.
+    """
     V = x.shape[-1]
     tokens = first_argmax(x)
-    if flags.all_greedy:
+    if all_greedy:
         return tokens
     is_greedy = meta.temperature == 0
     x = x / jnp.where(is_greedy, 1.0, meta.temperature)[:, None]
     probs = jax.nn.softmax(x, axis=-1)
     x = jnp.where(probs < meta.min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, x)
-    if flags.needs_sort:
+    if needs_sort:
         x = _top_k_top_p_mask(x, meta.top_k, meta.top_p)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(meta.seeds, meta.counters)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
@@ -147,20 +127,20 @@ def top_width(vocab_size: int) -> int:
     return min(MAX_LOGPROBS, vocab_size)
 
 
-# The three token choosers `sample_switched` picks between on the device.
-_MODES = tuple(SamplerFlags(all_greedy=g, needs_sort=s, num_logprobs=0)
-               for g, s in ((True, False), (False, False), (False, True)))
+# The three token choosers `sample_switched` picks between on the device, as
+# (all_greedy, needs_sort): greedy, random without a sort, random with one.
+_MODES = ((True, False), (False, False), (False, True))
 
 
 @jax.named_scope("sampler")
 def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: jax.Array) -> SamplerOutput:
-    """`sample` with every stage switched on the device instead of at compile time.
+    """Choose one token per row of `logits: [B, V]` float32, every stage switched on the device.
 
     `meta` has every field set (no bias: pad ids; no penalty: 0, 0, 1). Each stage runs
     under `lax.cond`/`lax.switch` on what the rows ask for, so one compiled program serves
     every mix of requests and a greedy batch still skips the sort, the noise, the penalty
     tables and the top-k of logprobs. Skipped stages are identities on these values, so
-    the tokens equal `sample`'s with the matching static flags.
+    the tokens equal those of the same stages switched at compile time (the tests' oracle).
 
     Args:
         wants_logprobs: [B] bool, rows whose top `top_width(V)` entries are returned.
@@ -168,21 +148,21 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: j
     The chosen token's log-probability is computed only when some row asks for logprobs
     (it is 0 otherwise): a log-softmax over `[B, V]` costs as much as the greedy choice.
     """
-    x = logits + _scatter_rows(logits.shape, meta.bias_ids, meta.bias_values)
+    x = logits + scatter_rows(logits.shape, meta.bias_ids, meta.bias_values)
     penalised = jnp.any((meta.presence_penalty != 0) | (meta.frequency_penalty != 0)
                         | (meta.repetition_penalty != 1))
     x = jax.lax.cond(penalised, apply_penalties, lambda x, _: x, x, meta)
     is_random = meta.temperature > 0
     sorts = jnp.any(is_random & ((meta.top_k > 0) | (meta.top_p < 1)))
     mode = jnp.where(jnp.any(is_random), jnp.where(sorts, 2, 1), 0)
-    tokens = jax.lax.switch(mode, [lambda x, m, f=f: _choose(x, m, f) for f in _MODES], x, meta)
+    tokens = jax.lax.switch(mode, [lambda x, m, g=g, s=s: choose(x, m, g, s) for g, s in _MODES], x, meta)
     B, V = logits.shape
     k = top_width(V)
 
     def with_logprobs(logits: jax.Array, tokens: jax.Array):
         raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
         chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-        return (chosen, *jax.lax.top_k(raw_logprobs, k), _ranks(raw_logprobs, chosen))
+        return (chosen, *jax.lax.top_k(raw_logprobs, k), token_ranks(raw_logprobs, chosen))
 
     def without(logits: jax.Array, tokens: jax.Array):
         return (jnp.zeros(B, jnp.float32), jnp.zeros((B, k), jnp.float32),
@@ -193,7 +173,7 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: j
     return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, ranks)
 
 
-def _ranks(logprobs: jax.Array, chosen: jax.Array) -> jax.Array:
+def token_ranks(logprobs: jax.Array, chosen: jax.Array) -> jax.Array:
     """[rows] 1-based rank of each chosen log-probability in its row (ties share a rank)."""
     return 1 + jnp.sum(logprobs > chosen[:, None], axis=-1).astype(jnp.int32)
 
@@ -211,4 +191,4 @@ def prompt_logprobs(logits: jax.Array, next_ids: jax.Array) -> tuple[jax.Array, 
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, next_ids[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, top_width(logits.shape[-1]))
-    return chosen, top_ids.astype(jnp.int32), top_logprobs, _ranks(logprobs, chosen)
+    return chosen, top_ids.astype(jnp.int32), top_logprobs, token_ranks(logprobs, chosen)

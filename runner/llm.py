@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from runner.device import compilation, distributed
@@ -20,11 +21,11 @@ from runner import demo, inputs
 from runner.engine.engine import Engine
 from runner.formats.chat import normalize_conversations
 from runner.engine_args import EngineArgs
-from runner.formats.generation_config import default_sampling_params
 from runner.device.model_runner import ModelRunner
 from runner.engine.outputs import RequestOutput, request_output
-from runner.sampling_params import RequestOutputKind, SamplingParams
+from runner.sampling_params import RequestOutputKind, SamplingParams, default_sampling_params
 from runner.engine.scheduler import Scheduler
+from runner.engine.scoring import forward_tokens
 from runner.formats.tokenizer import Tokenizer
 from runner.device.warmup import WarmupReport, warmup
 from state.config import ModelConfig, RunnerConfig
@@ -178,6 +179,17 @@ class LLM:
         """Compile every program the serving loop can need (see `runner.device.warmup`); after it,
         generating with any prompt lengths and batch sizes compiles nothing."""
         return warmup(self.engine.runner)
+
+    @_exclusive
+    def forward_tokens(self, token_ids: Sequence[int], chunk_sizes: Sequence[int] | None = None) -> np.ndarray:
+        """float32 logits [len(token_ids), vocab] of the served forward: row i is the
+        next-token distribution after token_ids[:i + 1], before any sampling setting.
+
+        `chunk_sizes` splits the tokens into consecutive forwards over the paged cache
+        (default: one); a chunk of one token runs as a decode step. For scoring and for
+        checking the served model against a reference (`runner.engine.scoring`).
+        """
+        return forward_tokens(self.engine.runner, self.engine.scheduler, token_ids, chunk_sizes)
 
     @_exclusive
     def reset_prefix_cache(self) -> bool:

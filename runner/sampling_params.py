@@ -13,9 +13,11 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from models.sampler import MAX_LOGPROBS
+from runner.formats.generation_config import diff_sampling_params
 
 # The most log-probabilities one position may ask for (vLLM's default max_logprobs).
 # The sampler holds settings as float32 and top_k as int32: larger values would become inf
@@ -267,3 +269,11 @@ def _remaining_context(max_model_len: int | None, prompt_len: int) -> int:
         raise ValueError(f"SamplingParams.max_tokens: None leaves no room: the prompt has {prompt_len} tokens "
                          f"and max_model_len={max_model_len}")
     return remaining
+
+
+def default_sampling_params(folder: str | Path) -> SamplingParams:
+    """vLLM's defaults with the folder's generation_config.json settings applied over them."""
+    try:
+        return SamplingParams(**diff_sampling_params(folder))
+    except ValueError as e:
+        raise ValueError(f"{Path(folder) / 'generation_config.json'}: {e}") from e

@@ -7,8 +7,15 @@ from pathlib import Path
 
 # Tests run on the host CPU; one device unless a test starts its own subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is compile-bound: it builds hundreds of small programs and runs each briefly.
+# XLA's cheapest backend optimisation level compiles them markedly faster (README, "Tests"),
+# and every assertion holds at either level. Subprocesses inherit the setting.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                                   "--xla_llvm_disable_expensive_passes=true")
 
 import gc  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -61,3 +68,39 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return cache[name]
 
     return get
+
+
+_CACHE_ENV = {
+    # Every program, however small or quick to compile: most of the suite's are both.
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    # A size bound makes JAX's cache take a file lock around each entry, which test
+    # processes writing the same directory at once need.
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30),
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One persistent compilation cache per run, shared by every test process.
+
+    The parallel workers (pytest-xdist), the subprocess tests and the modules that follow a
+    cache release load a program another process or module already built instead of
+    compiling it again. The directory is new for each run, so no program outlives the code
+    that built it; the controller, which spawns the workers, makes it and removes it.
+    """
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    directory = tempfile.mkdtemp(prefix="jax-cache-")
+    config._jax_cache_dir = directory
+    os.environ.update(_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=directory)
+    # This process imported JAX before the variables were set (`-n 0` runs tests here).
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_compilation_cache_max_size", 16 << 30)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = getattr(config, "_jax_cache_dir", None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -18,6 +18,19 @@ BASE: dict[str, Any] = dict(
     rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
 )
 
+# The engine setting the parity and family tests share, so that a variant's programs compile
+# once for all of them.
+LLM_ARGS: dict[str, Any] = dict(num_kv_blocks=64, block_size=8, max_model_len=128)
+
+
+def hf_greedy(hf: Any, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`, ignoring end-of-sequence tokens."""
+    config = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=0)
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        return hf.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+
+
 # family -> (transformers config class, model class)
 FAMILIES: dict[str, tuple[Any, Any]] = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
@@ -90,7 +103,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                            moe_intermediate_size=20, tie_word_embeddings=True, vocab_size=128,
                                            num_attention_heads=8, num_key_value_heads=4, head_dim=8)),
 }
-# The families added beside the core's first two (the parity tests of tests/models/test_families.py).
+# The families added beside the core's first two (the parity tests of tests/e2e/test_families.py).
 FAMILY_VARIANTS = tuple(name for name, (family, _) in VARIANTS.items() if family not in ("qwen3", "llama"))
 
 

@@ -31,7 +31,7 @@ from models.decode_loop import DecodeState, MultiStepOutput, RowSettings, multi_
 from runner.device.prepare import (BucketSizes, multi_step_block_tables, prepare_batch, prepare_rows,
                                    prepare_state)
 from models.sampler import SamplerOutput, prompt_logprobs, sample_switched
-from runner.engine.scheduler import SchedulerOutput
+from state.step import SchedulerOutput
 from state.batch import Batch, bucket
 from state.config import ModelConfig, RunnerConfig
 from models.kv_cache import KVCache, allocate_kv_cache, blocks_per_seq
@@ -49,10 +49,11 @@ def _keep_shardings(kv_cache: tuple[KVCache, ...], kv_shardings: Any) -> tuple[K
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "kv_shardings"),
                    donate_argnames=("kv_cache",))
-def _forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
-                  backend: str, kv_shardings: Any) -> tuple[jax.Array, tuple[KVCache, ...]]:
+def _forward_logits(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
+                    backend: str, kv_shardings: Any) -> tuple[jax.Array, tuple[KVCache, ...]]:
     hidden, kv_cache = forward(params, kv_cache, batch, cfg, backend)
-    return hidden, _keep_shardings(kv_cache, kv_shardings)
+    logits = compute_logits(params, hidden, cfg.final_logit_softcapping)
+    return logits, _keep_shardings(kv_cache, kv_shardings)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "kv_shardings", "out_sharding"),
@@ -94,12 +95,13 @@ def _prompt_logprobs_step(params: Params, hidden: jax.Array, next_ids: jax.Array
     return _constrain(jax.tree.map(lambda a: a.reshape(T, *a.shape[2:]), chunks), out_sharding)
 
 
-def forward_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
-                 backend: str) -> tuple[jax.Array, tuple[KVCache, ...]]:
-    """One forward over the paged cache; `kv_cache` is donated and comes back on the
-    shardings it went in with."""
-    return _forward_step(params, kv_cache, batch, cfg=cfg, backend=backend,
-                         kv_shardings=_named_shardings(kv_cache))
+def forward_logits(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, cfg: ModelConfig,
+                   backend: str) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """Forward of `batch` and the logits of every position, no sampling: ([T, V], the
+    donated cache on the shardings it came in with). The scoring seam
+    (`runner.engine.scoring`), not a serving program."""
+    return _forward_logits(params, kv_cache, batch, cfg=cfg, backend=backend,
+                           kv_shardings=_named_shardings(kv_cache))
 
 
 def general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, rows: RowSettings,
@@ -283,6 +285,13 @@ class ModelRunner:
             general_step, batch, rows, state, s.config.model_config.for_compile(),
             s.config.cache_config.attention_backend)
         return sampled, hidden
+
+    def run_forward(self, batch: Batch) -> jax.Array:
+        """The logits [T, V] of every position of `batch`, whose KV the cache takes."""
+        config = self._state.config
+        logits, _ = self._donating(forward_logits, batch, config.model_config.for_compile(),
+                                   config.cache_config.attention_backend)
+        return logits
 
     def run_decode(self, rows: RowSettings, state: DecodeState, num_steps: int) -> Any:
         """`num_steps` decode steps in one call; the record takes the updated (donated) cache."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from models.decode_loop import DecodeState, RowSettings
 from models.sampler import SamplingMetadata
-from runner.engine.scheduler import SchedulerOutput
+from state.step import SchedulerOutput
 from state.batch import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, Batch, bucket, cdiv
 
 # Narrowest logit_bias and stop-token tables: narrower ones pad to this, so common requests

@@ -26,7 +26,7 @@ import numpy as np
 
 from runner.device.compilation import CompileCounter
 from runner.device.prepare import prepare_rows, prepare_state, sampled_rows
-from runner.engine.scheduler import SchedulerOutput
+from state.step import SchedulerOutput
 from state.batch import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, Batch, bucket, buckets_up_to, cdiv
 from state.config import RunnerConfig
 from models.kv_cache import blocks_per_seq

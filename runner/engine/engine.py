@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,12 +23,14 @@ import numpy as np
 from runner.engine.detokenizer import IncrementalDetokenizer, find_stop
 from runner.engine.logprobs import position_logprobs
 from runner.device.model_runner import ModelRunner, SequenceResult
-from runner.sampling_params import SamplingParams
 from runner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from runner.formats.tokenizer import Tokenizer
 from state.config import Effect, RunnerConfig, changed_fields
 from state.config import update_config as merge_config
 from state.request import Request
+
+if TYPE_CHECKING:  # the public API's record, above this layer
+    from runner.sampling_params import SamplingParams
 
 
 class Engine:

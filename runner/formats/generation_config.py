@@ -1,12 +1,12 @@
-"""A model folder's `generation_config.json` as default `SamplingParams`, the way vLLM's
-`LLM.get_default_sampling_params()` reads it (`ModelConfig.get_diff_sampling_param`)."""
+"""A model folder's `generation_config.json`: the sampling settings its authors chose, the
+way vLLM's `LLM.get_default_sampling_params()` reads them (`ModelConfig.get_diff_sampling_param`).
+`runner.sampling_params.default_sampling_params` turns them into `SamplingParams`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from runner.sampling_params import SamplingParams
 from runner.formats.tokenizer import read_json
 
 # The generation settings vLLM takes from the file; the others (do_sample, num_beams, ...) it
@@ -34,11 +34,3 @@ def diff_sampling_params(folder: str | Path) -> dict[str, Any]:
         diff["max_tokens"] = diff.pop("max_new_tokens")
     return diff
 
-
-def default_sampling_params(folder: str | Path) -> SamplingParams:
-    """vLLM's defaults with the folder's generation settings applied over them."""
-    diff = diff_sampling_params(folder)
-    try:
-        return SamplingParams(**diff)
-    except ValueError as e:
-        raise ValueError(f"{Path(folder) / 'generation_config.json'}: {e}") from e

@@ -64,9 +64,29 @@ class ServerState:
         return ApiError(500, f"{type(error).__name__}: {error}")
 
 
+def _check_context(state: ServerState, prompts: list[Any], max_tokens: int | None) -> None:
+    """A completion that cannot fit the context is a 400, as vLLM's server answers (the
+    engine alone would stop it at max_model_len with finish_reason "length"). A prompt that
+    does not fit by itself is left to the engine, whose message names it."""
+    tokenizer = state.llm.get_tokenizer()
+    max_len = state.llm.config.scheduler_config.max_model_len
+    for prompt in prompts if max_tokens is not None else ():
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
+        if isinstance(ids, str):
+            if tokenizer is None:
+                continue
+            ids = tokenizer.encode(ids)
+        if len(ids) <= max_len < len(ids) + max_tokens:
+            raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, you "
+                                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
+                                "in the completion). Please reduce the length of the prompt or completion.",
+                           param="max_tokens")
+
+
 async def _start(state: ServerState, prompts: list[Any], request: CompletionRequest | ChatCompletionRequest,
                  prefix: str) -> tuple[Requests, str]:
     params = sampling_params(request, state.defaults)
+    _check_context(state, prompts, params.max_tokens)
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     requests = Requests(state.llm, prompts, params, request_id, state.metrics)
     try:

@@ -13,6 +13,7 @@ import pytest
 from models import attention, flash_attention, pallas_attention
 from state.batch import Batch, bucket
 from models.kv_cache import KVCache
+from tests.models.reference_attention import flat_attention
 
 S, P, Dh = 4, 41, 16
 ONE = jnp.float32(1.0)
@@ -63,7 +64,7 @@ def _compare(H: int, K: int, dtype: jnp.dtype, spans: list[tuple[int, int]], see
     batch = general_batch(spans, rng, blocks=blocks)
     T = batch.token_seq.shape[0]
     q = jnp.asarray(rng.standard_normal((T, H, Dh)), dtype)
-    expected = attention.flat_attention(q, ref_cache, batch, ONE, ONE)
+    expected = flat_attention(q, ref_cache, batch, ONE, ONE)
     read = jax.jit(lambda q, c, b: flash_attention.flash_attention(
         q, c, b, ONE, ONE, heads_first=heads_first, **tiles))
     got = read(q, pal_cache if heads_first else ref_cache, batch)
@@ -228,7 +229,7 @@ def test_reference_window_and_cap_are_the_dense_maths(window, softcap):
     T, live = batch.token_seq.shape[0], batch.token_seq >= 0
     q = rng.standard_normal((T, 4, Dh)).astype(np.float32)
     spec = attention.AttentionSpec(scale=0.3, softcap=softcap, window=window)
-    got = np.asarray(attention.flat_attention(jnp.asarray(q), ref_cache, batch, ONE, ONE, spec=spec))[live]
+    got = np.asarray(flat_attention(jnp.asarray(q), ref_cache, batch, ONE, ONE, spec=spec))[live]
     blocks = np.asarray(ref_cache.k)[batch.key_block_ids[:5]].reshape(20, 2, Dh)
     values = np.asarray(ref_cache.v)[batch.key_block_ids[:5]].reshape(20, 2, Dh)
     expected = _dense_reference(q[live], blocks, values, batch.positions[live], spec)
@@ -244,7 +245,7 @@ def test_tiled_window_matches_reference(window, tiles):
     T = batch.token_seq.shape[0]
     q = jnp.asarray(rng.standard_normal((T, 6, Dh)), jnp.float32)
     spec = attention.AttentionSpec(scale=0.25, softcap=5.0, window=window)
-    expected = attention.flat_attention(q, ref_cache, batch, ONE, ONE, spec=spec)
+    expected = flat_attention(q, ref_cache, batch, ONE, ONE, spec=spec)
     got = jax.jit(lambda q, c, b: flash_attention.flash_attention(q, c, b, ONE, ONE, spec=spec, **tiles))(
         q, pal_cache, batch)
     live = batch.token_seq >= 0
@@ -271,7 +272,7 @@ def test_windowed_decode_on_both_backends_matches_the_general_reader(window):
     spec = attention.AttentionSpec(scale=0.2, softcap=None if window is None else 4.0, window=window)
     decoded = attention.paged_attention(q, ref_cache, batch, ONE, ONE, spec)
     general = pallas_attention.decode_as_general(jax.tree.map(jnp.asarray, batch), S)
-    expected = attention.flat_attention(q, ref_cache, general, ONE, ONE, spec=spec)
+    expected = flat_attention(q, ref_cache, general, ONE, ONE, spec=spec)
     pallas = pallas_attention.paged_attention(q, pal_cache, jax.tree.map(jnp.asarray, batch), ONE, ONE, spec)
     live = lens > 0
     np.testing.assert_allclose(np.asarray(decoded)[live], np.asarray(expected)[live], atol=1e-5)

@@ -212,6 +212,12 @@ def test_malformed_bodies_and_unknown_models(http: httpx.Client, client: openai.
     assert _error(http.post("/v1/chat/completions", json={"messages": []}), 400)["param"] == "messages"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    for create in (lambda n: client.completions.create(model="builtin", prompt="x", max_tokens=n),
+                   lambda n: client.chat.completions.create(model="builtin", max_completion_tokens=n,
+                                                            messages=[{"role": "user", "content": "x"}])):
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 128 tokens") as caught:
+            create(128)
+        assert caught.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.completions.create(model="builtin", prompt="x", max_tokens=2, echo=True)
     assert client.completions.create(model="builtin", prompt="x", max_tokens=2).choices[0].finish_reason

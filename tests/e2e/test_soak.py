@@ -8,7 +8,7 @@ requests that repeat must repeat their tokens, and the block pool must be whole 
 The request count comes from SOAK_REQUESTS. The default (500) keeps the test under a minute
 on a 2-core CPU, which is what the default test run uses; the full soak is
 
-    SOAK_REQUESTS=2000 python -m pytest -q tests/runner/test_soak.py
+    SOAK_REQUESTS=2000 python -m pytest -q tests/e2e/test_soak.py
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 handed to tensor-parallel runners on simulated CPU devices.
 
 Started with `XLA_FLAGS=--xla_force_host_platform_device_count=8` (JAX fixes its device count
-when it starts). Usage: `python -m tests.runner.weight_sync_worker SPEC.json OUT.json`.
+when it starts). Usage: `python -m tests.e2e.weight_sync_worker SPEC.json OUT.json`.
 Writes what it saw (tokens, log-probabilities, bytes read back to the host, errors); the
 test asserts on it. Imports no torch: the checkpoint comes ready-made.
 """

@@ -17,7 +17,7 @@ import pytest
 
 from runner import LLM, SamplingParams
 from tests.models.test_flash_attention import _compare, tiny_model
-from tests.runner.test_scheduler import MODEL, drive, make_request, make_scheduler
+from tests.runner.engine.test_scheduler import MODEL, drive, make_request, make_scheduler
 
 BLOCK = 16
 N = 8

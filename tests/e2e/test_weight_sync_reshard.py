@@ -1,6 +1,6 @@
 """Resharding on simulated CPU devices: a trainer's tree sharded over 4 other devices goes
 to a runner with tensor parallel 2, a replicated one to tensor parallel 4, each leaf device
-to device (`tests/runner/weight_sync_worker.py` runs them in a process with 8 devices)."""
+to device (`tests/e2e/weight_sync_worker.py` runs them in a process with 8 devices)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import json
 import subprocess
 import sys
 
-from tests.runner.test_tensor_parallel import ROOT, worker_env
+from tests.e2e.test_tensor_parallel import ROOT, worker_env
 
 
 def test_a_trainers_tree_on_another_mesh_serves_what_a_load_of_the_same_weights_serves(hf_checkpoint, tmp_path):
     folder = hf_checkpoint("qwen3_heads8_gqa2")[0]
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps({"folder": str(folder)}))
-    proc = subprocess.run([sys.executable, "-m", "tests.runner.weight_sync_worker", str(spec), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tests.e2e.weight_sync_worker", str(spec), str(out)],
                           cwd=ROOT, env=worker_env(8), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     record = json.loads(out.read_text())

@@ -1,7 +1,7 @@
 """Tensor parallelism over a device mesh, and multi-process serving with jax.distributed.
 
 JAX fixes its device count when it starts, so the runs on several (simulated CPU) devices
-happen in subprocesses (`tests/runner/tp_worker.py`) started with
+happen in subprocesses (`tests/e2e/tp_worker.py`) started with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N`; this file builds the checkpoints,
 starts them with a timeout and asserts on what they report. The rules-table tests run here,
 on abstract meshes, with no devices at all.
@@ -62,7 +62,7 @@ def expected_param_spec(path: str, groups: set[str]) -> list[Any]:
 def run_worker(mode: str, spec: dict[str, Any], tmp: Path, devices: int, timeout: int) -> dict[str, Any]:
     spec_file, out_file = tmp / f"{mode}_spec.json", tmp / f"{mode}_out.json"
     spec_file.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "tests.runner.tp_worker", mode, str(spec_file), str(out_file)],
+    proc = subprocess.run([sys.executable, "-m", "tests.e2e.tp_worker", mode, str(spec_file), str(out_file)],
                           cwd=ROOT, env=worker_env(devices), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{mode} worker failed:\n{proc.stderr[-6000:]}"
     return json.loads(out_file.read_text())
@@ -229,7 +229,7 @@ def test_two_processes_generate_what_one_process_does(folders, parity, tmp_path)
             (tmp_path / f"spec{i}.json").write_text(json.dumps({**spec, "process_id": i}))
             with open(logs[i], "w") as log:
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tests.runner.tp_worker", "distributed", str(tmp_path / f"spec{i}.json"),
+                    [sys.executable, "-m", "tests.e2e.tp_worker", "distributed", str(tmp_path / f"spec{i}.json"),
                      str(tmp_path / f"out{i}.json")],
                     cwd=ROOT, env=worker_env(2), stdout=log, stderr=subprocess.STDOUT))
         for p in procs:

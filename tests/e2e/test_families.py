@@ -24,10 +24,9 @@ from runner.device.loader import params_from_checkpoint
 from runner.formats.param_tree import CheckpointError
 from runner.formats.safetensors_io import iter_safetensors
 from state.config import ModelConfig
-from tests.hf_models import FAMILY_VARIANTS
-from tests.runner.test_tensor_parallel import assert_same_outputs, run_worker
+from tests.hf_models import FAMILY_VARIANTS, LLM_ARGS, hf_greedy
+from tests.e2e.test_tensor_parallel import assert_same_outputs, run_worker
 
-LLM_ARGS = dict(num_kv_blocks=64, block_size=8, max_model_len=128)
 PROMPTS = [[5, 17, 42, 8, 91, 33, 60, 7, 12, 77, 3, 50, 29], [9, 9, 4], [31, 2, 64, 11, 5, 80, 1]]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -74,28 +73,16 @@ WINDOWED = ["gemma2_gqa", "gemma2_mqa_untied", "gemma3_gqa", "gemma3_mqa_capped"
 LONG = [int(t) for t in np.random.default_rng(3).integers(3, 97, 40)]  # 40 tokens, window 8
 
 
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    config = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=0)
-    hf.generation_config.eos_token_id = None  # ignore_eos on the reference side too
-    with torch.no_grad():
-        return hf.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("name", WINDOWED)
 def test_a_prompt_longer_than_the_window_matches_transformers(name, hf_checkpoint):
-    from state.request import Request
-    from tests.models.test_hf_parity import _our_logits
-
     folder, hf = hf_checkpoint(name)
     llm = LLM(str(folder), **LLM_ARGS)
-    llm._parity_request = Request("parity", [], SamplingParams(), seed=0)
-    ours = _our_logits(llm, LONG, 0)
+    ours = llm.forward_tokens(LONG)
     with torch.no_grad():
         ref = hf(torch.tensor([LONG])).logits[0].numpy()
     diff = float(np.abs(ours - ref).max())
     print(f"{name}: max |logit diff| over a 40-token prompt {diff:.2e}")
     assert diff < 1e-4
-    llm = LLM(str(folder), **LLM_ARGS)
     out = llm.generate([{"prompt_token_ids": LONG}], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0].token_ids
     assert out == hf_greedy(hf, LONG, 32)

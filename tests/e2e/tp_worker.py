@@ -4,9 +4,9 @@ JAX fixes its device count when it initialises, so tensor-parallel runs need a p
 their own, started with `XLA_FLAGS=--xla_force_host_platform_device_count=N` and
 `JAX_PLATFORMS=cpu`. Usage:
 
-    python -m tests.runner.tp_worker parity SPEC.json OUT.json
-    python -m tests.runner.tp_worker lifecycle SPEC.json OUT.json
-    python -m tests.runner.tp_worker distributed SPEC.json OUT.json
+    python -m tests.e2e.tp_worker parity SPEC.json OUT.json
+    python -m tests.e2e.tp_worker lifecycle SPEC.json OUT.json
+    python -m tests.e2e.tp_worker distributed SPEC.json OUT.json
 
 Each writes a JSON record of what it saw (tokens, log-probabilities, shardings, compile
 counts); the test asserts on it. This module imports no torch: checkpoints come ready-made.

@@ -13,6 +13,8 @@ numpy, independently of the sampler):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +25,8 @@ from hypothesis.extra import numpy as hnp
 
 from models.decode_loop import step_metadata
 from runner.device.prepare import prepare_rows, prepare_state
-from models.sampler import (SamplerFlags, SamplingMetadata, _top_k_top_p_mask, apply_penalties,
-                            first_argmax, sample, sample_switched)
+from models.sampler import (SamplerOutput, SamplingMetadata, _top_k_top_p_mask, apply_penalties, choose,
+                            first_argmax, sample_switched, scatter_rows, token_ranks)
 from runner.sampling_params import MAX_LOGPROBS, SamplingParams
 from runner.engine.scheduler import ScheduledRequest, SchedulerOutput
 from state.request import Request
@@ -32,6 +34,33 @@ from state.request import Request
 N = 20000
 LOGITS = np.array([1.5, 1.2, 0.8, 0.5, 0.1, -0.3, -0.7, -1.1], np.float32)
 V = LOGITS.size
+
+
+
+@dataclass(frozen=True)
+class SamplerFlags:
+    """The stages `sample_switched` switches on the device, fixed at compile time instead."""
+
+    all_greedy: bool
+    needs_sort: bool  # some row uses top_k or top_p
+    num_logprobs: int  # top entries returned per row
+
+
+def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> SamplerOutput:
+    """The oracle: the sampler's stages chained plainly, each optional one present or absent
+    as the static flags and the metadata's None fields say."""
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    x = logits
+    if meta.bias_ids is not None:
+        x = x + scatter_rows(logits.shape, meta.bias_ids, meta.bias_values)
+    if meta.output_ids is not None:
+        x = apply_penalties(x, meta)
+    tokens = choose(x, meta, flags.all_greedy, flags.needs_sort)
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
+    ranks = token_ranks(raw_logprobs, chosen) if flags.num_logprobs else jnp.zeros(logits.shape[0], jnp.int32)
+    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, ranks)
+
 
 sample_jit = jax.jit(sample, static_argnames=("flags",))
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from runner.formats.generation_config import default_sampling_params, diff_sampling_params
+from runner.formats.generation_config import diff_sampling_params
+from runner.sampling_params import default_sampling_params
 from runner.sampling_params import SamplingParams
 
 
