@@ -25,7 +25,6 @@ from runner.formats.orbax_io import restore_params, save_params
 from runner.formats.param_tree import CheckpointError
 from state.config import RunnerConfig
 from state.params import leaf_paths, param_bytes
-from tests import hf_models
 
 LLM_ARGS = dict(num_kv_blocks=32, block_size=4, max_model_len=64)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
@@ -59,19 +58,8 @@ def kv_bytes(llm: LLM) -> int:
 # -- checkpoints ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tied(hf_checkpoint):
-    return hf_checkpoint("qwen3_tied")[0]
-
-
-@pytest.fixture(scope="module")
 def untied(hf_checkpoint):
     return hf_checkpoint("llama3_rope")[0]
-
-
-@pytest.fixture(scope="module")
-def other(tmp_path_factory):
-    """Same architecture as `tied`, other weights."""
-    return hf_models.save_variant("qwen3_tied", tmp_path_factory.mktemp("other"), seed=1)[0]
 
 
 @pytest.fixture(scope="module")
