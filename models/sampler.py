@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from state.config import LOGPROBS_MODES
+
 # Entries per position the device returns: vLLM's default max_logprobs.
 MAX_LOGPROBS = 20
 
@@ -39,6 +41,7 @@ class SamplingMetadata:
     presence_penalty: Any = None  # [B] f32
     frequency_penalty: Any = None  # [B] f32
     repetition_penalty: Any = None  # [B] f32
+    logprobs_mode: Any = None  # [B] i32 index into LOGPROBS_MODES; None: raw_logprobs
 
 
 @jax.tree_util.register_dataclass
@@ -99,9 +102,22 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, positions, x.shape[-1]), axis=-1)
 
 
+def process(x: jax.Array, meta: SamplingMetadata, needs_sort: bool) -> jax.Array:
+    """The logits random rows draw from: divided by the temperature, then min_p / top-k /
+    top-p masked (-inf). Greedy rows are returned as they came (their temperature counts
+    as 1, as in vLLM), so their processed logprobs never depend on batch mates."""
+    is_greedy = meta.temperature == 0
+    scaled = x / jnp.where(is_greedy, 1.0, meta.temperature)[:, None]
+    probs = jax.nn.softmax(scaled, axis=-1)
+    scaled = jnp.where(probs < meta.min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, scaled)
+    if needs_sort:
+        scaled = _top_k_top_p_mask(scaled, meta.top_k, meta.top_p)
+    return jnp.where(is_greedy[:, None], x, scaled)
+
+
 def choose(x: jax.Array, meta: SamplingMetadata, all_greedy: bool, needs_sort: bool) -> jax.Array:
     """[B] tokens from biased, penalised logits: argmax for greedy rows, else Gumbel-max
-    over the temperature-scaled, min_p / top-k / top-p masked row.
+    over the `process`ed row.
 
     `all_greedy` skips everything but the argmax; `needs_sort` (some row uses top_k or
     top_p) adds the sort. Both are static: each pair is its own branch of `sample_switched`.
@@ -110,16 +126,10 @@ def choose(x: jax.Array, meta: SamplingMetadata, all_greedy: bool, needs_sort: b
     tokens = first_argmax(x)
     if all_greedy:
         return tokens
-    is_greedy = meta.temperature == 0
-    x = x / jnp.where(is_greedy, 1.0, meta.temperature)[:, None]
-    probs = jax.nn.softmax(x, axis=-1)
-    x = jnp.where(probs < meta.min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, x)
-    if needs_sort:
-        x = _top_k_top_p_mask(x, meta.top_k, meta.top_p)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(meta.seeds, meta.counters)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
-    sampled = first_argmax(x + gumbel)
-    return jnp.where(is_greedy, tokens, sampled)
+    sampled = first_argmax(process(x, meta, needs_sort) + gumbel)
+    return jnp.where(meta.temperature == 0, tokens, sampled)
 
 
 def top_width(vocab_size: int) -> int:
@@ -145,8 +155,9 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: j
     Args:
         wants_logprobs: [B] bool, rows whose top `top_width(V)` entries are returned.
 
-    The chosen token's log-probability is computed only when some row asks for logprobs
-    (it is 0 otherwise): a log-softmax over `[B, V]` costs as much as the greedy choice.
+    The chosen token's log-probability (or logit, by the row's `logprobs_mode`) is computed
+    only when some row asks for logprobs (it is 0 otherwise): a log-softmax over `[B, V]`
+    costs as much as the greedy choice.
     """
     x = logits + scatter_rows(logits.shape, meta.bias_ids, meta.bias_values)
     penalised = jnp.any((meta.presence_penalty != 0) | (meta.frequency_penalty != 0)
@@ -158,19 +169,36 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: j
     tokens = jax.lax.switch(mode, [lambda x, m, g=g, s=s: choose(x, m, g, s) for g, s in _MODES], x, meta)
     B, V = logits.shape
     k = top_width(V)
+    modes = jnp.zeros(B, jnp.int32) if meta.logprobs_mode is None else meta.logprobs_mode
 
-    def with_logprobs(logits: jax.Array, tokens: jax.Array):
-        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-        return (chosen, *jax.lax.top_k(raw_logprobs, k), token_ranks(raw_logprobs, chosen))
+    def with_logprobs(logits: jax.Array, x: jax.Array, tokens: jax.Array):
+        values = reported_values(logits, x, meta, modes, sorts)
+        chosen = jnp.take_along_axis(values, tokens[:, None], axis=-1)[:, 0]
+        return (chosen, *jax.lax.top_k(values, k), token_ranks(values, chosen))
 
-    def without(logits: jax.Array, tokens: jax.Array):
+    def without(logits: jax.Array, x: jax.Array, tokens: jax.Array):
         return (jnp.zeros(B, jnp.float32), jnp.zeros((B, k), jnp.float32),
                 jnp.zeros((B, k), jnp.int32), jnp.zeros(B, jnp.int32))
 
     chosen, top_logprobs, top_ids, ranks = jax.lax.cond(
-        jnp.any(wants_logprobs), with_logprobs, without, logits, tokens)
+        jnp.any(wants_logprobs), with_logprobs, without, logits, x, tokens)
     return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, ranks)
+
+
+def reported_values(logits: jax.Array, x: jax.Array, meta: SamplingMetadata, modes: jax.Array,
+                    sorts: jax.Array) -> jax.Array:
+    """[B, V] what each row's logprobs report, by its `LOGPROBS_MODES` index in `modes`:
+    from the raw `logits` or from the biased, penalised `x` once `process`ed, as
+    log-probabilities or as logits. The processing (a sort when some row uses top-k or
+    top-p) runs only when some row asks for a processed mode."""
+    processed_rows = modes >= LOGPROBS_MODES.index("processed_logprobs")
+    processed = jax.lax.cond(
+        jnp.any(processed_rows),
+        lambda x: jax.lax.cond(sorts, lambda x: process(x, meta, True), lambda x: process(x, meta, False), x),
+        lambda x: x, x)
+    source = jnp.where(processed_rows[:, None], processed, logits)
+    as_logits = (modes == LOGPROBS_MODES.index("raw_logits")) | (modes == LOGPROBS_MODES.index("processed_logits"))
+    return jnp.where(as_logits[:, None], source, jax.nn.log_softmax(source, axis=-1))
 
 
 def token_ranks(logprobs: jax.Array, chosen: jax.Array) -> jax.Array:

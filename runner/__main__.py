@@ -67,6 +67,7 @@ SERVE_ENGINE_FLAGS = (
     ("--gpu-memory-utilization", float, "KV budget as a fraction of the free device memory"),
     ("--tensor-parallel-size", int, "devices each weight and the KV cache are split over"),
     ("--generation-config", str, "auto (the folder's generation_config.json) | vllm | a folder"),
+    ("--logprobs-mode", str, "raw_logprobs | raw_logits | processed_logprobs | processed_logits"),
 )
 
 

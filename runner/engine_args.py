@@ -20,7 +20,8 @@ import jax
 
 from runner.formats.hf_config import model_config_from_folder
 from runner.sampling_params import MAX_LOGPROBS
-from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig)
+from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RunnerConfig, SamplerConfig,
+                          SchedulerConfig)
 
 
 # vLLM keywords accepted with no effect here, and why.
@@ -70,6 +71,7 @@ class EngineArgs:
     enable_sleep_mode: bool = True
     gpu_memory_utilization: float | None = None
     max_logprobs: int = MAX_LOGPROBS
+    logprobs_mode: str = "raw_logprobs"
     skip_tokenizer_init: bool = False
     generation_config: str = "auto"  # auto (the folder's generation_config.json) | vllm | a folder
     hf_overrides: dict[str, Any] | None = None
@@ -146,6 +148,7 @@ class EngineArgs:
                 decode_steps=self.decode_steps),
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
                                            data_parallel_size=self.data_parallel_size),
+            sampler_config=SamplerConfig(logprobs_mode=self.logprobs_mode),
         )
 
 

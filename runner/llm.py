@@ -63,7 +63,10 @@ class LLM:
             enable_prefix_caching, enable_chunked_prefill, kv_cache_dtype, attention_backend
             (reference | pallas; default pallas on GPU), tensor_parallel_size (devices each
             weight and the KV cache are split over, see `runner.device.sharding`),
-            data_parallel_size, enable_sleep_mode.
+            data_parallel_size, enable_sleep_mode, logprobs_mode (what logprobs report, as
+            vLLM's: raw_logprobs, raw_logits, processed_logprobs or processed_logits; the
+            processed ones are the distribution the sampler drew from, after bias,
+            penalties, temperature and the min_p / top-k / top-p mask).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None,

@@ -350,6 +350,24 @@ class SchedulerConfig:
         return self.decode_steps or AUTO_DECODE_STEPS
 
 
+# What logprobs report (vLLM's `logprobs_mode`): the model's distribution or the one the
+# sampler draws from (after bias, penalties, temperature and the min_p / top-k / top-p
+# mask), each as log-probabilities or as logits. `models.sampler` takes a row's mode as
+# its index here.
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """What the sampler reports besides its tokens."""
+
+    logprobs_mode: str = _f(Effect.NONE, "raw_logprobs", "what logprobs report: " + " | ".join(LOGPROBS_MODES))
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.logprobs_mode, str) and self.logprobs_mode in LOGPROBS_MODES, "SamplerConfig",
+                 "logprobs_mode", f"unknown {self.logprobs_mode!r}; valid: {', '.join(LOGPROBS_MODES)}")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Device mesh shape: data parallel x tensor parallel."""
@@ -371,6 +389,7 @@ class RunnerConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    sampler_config: SamplerConfig = field(default_factory=SamplerConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -457,7 +476,8 @@ def _record_type(hint: Any) -> type | None:
     return None
 
 
-SECTIONS = ("model_config", "load_config", "cache_config", "scheduler_config", "parallel_config")
+SECTIONS = ("model_config", "load_config", "cache_config", "scheduler_config", "parallel_config",
+            "sampler_config")
 
 
 def changed_fields(old: RunnerConfig, new: RunnerConfig) -> list[tuple[str, Effect]]:

@@ -365,7 +365,7 @@ class ModelRunner:
         V, width, max_len = self._tables()
         tables = multi_step_block_tables(out, blocks_per_seq(self._state.config))
         B = tables.shape[0]
-        rows = prepare_rows(out, B, V, width, max_len, tables)
+        rows = prepare_rows(out, B, V, width, max_len, tables, self._state.config.sampler_config.logprobs_mode)
         steps = self.run_decode(rows, prepare_state(out, B, V, width), out.num_steps)
         # Read back what the host needs only: the top entries exist when some row asked.
         wants = any(s.request.sampling_params.logprobs is not None for s in out.scheduled)
@@ -389,7 +389,8 @@ class ModelRunner:
         batch, sizes = prepare_batch(out, config.cache_config.block_size,
                                      config.scheduler_config.max_num_seqs)
         B = sizes.num_seqs
-        rows = prepare_rows(out, B, V, width, max_len, np.zeros((B, 1), np.int32))
+        rows = prepare_rows(out, B, V, width, max_len, np.zeros((B, 1), np.int32),
+                            config.sampler_config.logprobs_mode)
         sampled, hidden = self.run_general(batch, rows, prepare_state(out, B, V, width))
         prompt = self._prompt_logprobs(out, hidden, sizes)
         sampled = jax.device_get(sampled)

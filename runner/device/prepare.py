@@ -14,6 +14,7 @@ from models.decode_loop import DecodeState, RowSettings
 from models.sampler import SamplingMetadata
 from state.step import SchedulerOutput
 from state.batch import MIN_DECODE_BUCKET, MIN_TOKEN_BUCKET, Batch, bucket, cdiv
+from state.config import LOGPROBS_MODES
 
 # Narrowest logit_bias and stop-token tables: narrower ones pad to this, so common requests
 # share one program; a request with more entries compiles its width on first use.
@@ -105,7 +106,8 @@ def _pad_rows(rows: list[list[int]], fill: int, dtype: type, width: int | None =
 
 
 def prepare_rows(out: SchedulerOutput, num_seqs: int, vocab_size: int, history_width: int,
-                 max_model_len: int, block_tables: np.ndarray) -> RowSettings:
+                 max_model_len: int, block_tables: np.ndarray,
+                 logprobs_mode: str = "raw_logprobs") -> RowSettings:
     """Per-row settings of a step or a multi-step decode, padded to `num_seqs` rows.
 
     Every sampler field is set, whatever the rows ask for (no bias: ids past the
@@ -135,7 +137,8 @@ def prepare_rows(out: SchedulerOutput, num_seqs: int, vocab_size: int, history_w
                              np.int32, history_width),
         presence_penalty=column([p.presence_penalty for p in params], 0.0, np.float32),
         frequency_penalty=column([p.frequency_penalty for p in params], 0.0, np.float32),
-        repetition_penalty=column([p.repetition_penalty for p in params], 1.0, np.float32))
+        repetition_penalty=column([p.repetition_penalty for p in params], 1.0, np.float32),
+        logprobs_mode=np.full(num_seqs, LOGPROBS_MODES.index(logprobs_mode), np.int32))
     return RowSettings(
         block_tables=block_tables,
         max_out=column([min(p.max_tokens, max_model_len - len(r.prompt_token_ids))

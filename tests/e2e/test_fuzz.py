@@ -33,7 +33,8 @@ from runner import LLM, SamplingParams
 from runner.formats.safetensors_io import iter_safetensors
 from runner.formats.param_tree import CheckpointError
 from runner.formats.tokenizer import Tokenizer
-from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig, SchedulerConfig, update_config)
+from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig,
+                          SamplerConfig, SchedulerConfig, update_config)
 
 LLM_ARGS = dict(num_kv_blocks=6, block_size=16, max_model_len=64, max_num_batched_tokens=8, max_num_seqs=2)
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -121,7 +122,8 @@ json_values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=6)
 
 RECORDS = {"model_config": ModelConfig, "load_config": LoadConfig, "cache_config": CacheConfig,
-           "scheduler_config": SchedulerConfig, "parallel_config": ParallelConfig}
+           "scheduler_config": SchedulerConfig, "parallel_config": ParallelConfig,
+           "sampler_config": SamplerConfig}
 ROPE_FIELDS = [f.name for f in dataclasses.fields(RopeScaling)]
 
 
@@ -153,7 +155,8 @@ def assert_valid(config: RunnerConfig) -> None:
     assert rebuilt == config
     hash(config.model_config)
     hash(config.model_config.for_compile())
-    for record in (config.load_config, config.cache_config, config.scheduler_config, config.parallel_config):
+    for record in (config.load_config, config.cache_config, config.scheduler_config, config.parallel_config,
+                   config.sampler_config):
         hash(record)
 
 

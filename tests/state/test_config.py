@@ -53,7 +53,8 @@ def test_nested_merge_builds_rope_scaling_from_a_dict():
 
 def test_unknown_section_is_named_with_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown config section 'foo'; valid sections: cache_config, "
-                                         r"load_config, model_config, parallel_config, scheduler_config"):
+                                         r"load_config, model_config, parallel_config, sampler_config, "
+                                         r"scheduler_config"):
         update_config(_config(), {"foo": {}})
 
 

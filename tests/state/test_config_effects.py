@@ -77,6 +77,7 @@ OTHER_VALUES: dict[str, object] = {
     "scheduler_config.decode_steps": 4,
     "parallel_config.tensor_parallel_size": 2,
     "parallel_config.data_parallel_size": 2,
+    "sampler_config.logprobs_mode": "processed_logprobs",
 }
 
 
