@@ -13,6 +13,13 @@ waits are bounded by how long one call takes:
 - a stream receives tokens once per call.
 The engine caps a call at `max_call_seconds`: the decode steps per call are the cap over
 the last call's time per step (at least one, at most the configured `decode_steps`).
+
+Pause and resume (vLLM's `pause_generation`), for training loops that change weights while
+rollouts are in flight. While paused no request is admitted: new ones are held until
+`resume_generation`. The in-flight ones are aborted ("abort"), run to their end ("wait"),
+or frozen where they stand ("keep"); frozen requests continue on whatever weights serve at
+the resume, with their KV from before, or recomputed from their tokens with
+`clear_cache=True`. Each output's `weight_versions` says which tokens came from which weights.
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ from runner.engine.outputs import CompletionOutput, RequestOutput, request_outpu
 from runner.llm import LLM
 from runner.sampling_params import RequestOutputKind, SamplingParams
 from state.config import RunnerConfig
-from state.request import Request
+from state.request import Request, RequestStatus
 
 # A call's duration the engine aims under while streaming: a token every 50 ms reads as
 # fluent text, and a new request waits at most about this long for the call it arrived in.
 DEFAULT_MAX_CALL_SECONDS = 0.05
+
+PAUSE_MODES = ("abort", "wait", "keep")
 
 
 class EngineDeadError(RuntimeError):
@@ -86,7 +95,10 @@ class AsyncLLM:
         self._llm = LLM(model, **engine_args)
         self._max_call_seconds = float(max_call_seconds)
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # owned by the engine thread
+        self._streams: dict[str, _Stream] = {}  # owned by the engine thread, as all below
+        self._held: dict[str, _Stream] = {}  # admitted while paused: not in the engine yet
+        self._pause: str | None = None  # the mode while paused
+        self._drained: list[Callable[[], None]] = []  # pause(mode="wait") calls to answer
         self._ids = 0
         self._id_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="runner-engine", daemon=True)
@@ -161,8 +173,12 @@ class AsyncLLM:
         (text, ids), = self._llm.encode_prompts([prompt])
         params, = self._llm.check_requests([ids], [params])
         group = self._llm.engine.make_requests(ids, params)
-        self._llm.engine.add_requests(group)
-        return _Stream(request_id, text, ids, group, params.output_kind, loop, stream_queue)
+        stream = _Stream(request_id, text, ids, group, params.output_kind, loop, stream_queue)
+        if self._pause is None:
+            self._llm.engine.add_requests(group)
+        else:
+            self._held[request_id] = stream
+        return stream
 
     def _abort(self, request_id: str, owner: asyncio.Queue | None = None) -> None:
         """End a request; with `owner`, only the stream of that caller (an id may have
@@ -171,6 +187,9 @@ class AsyncLLM:
         if stream is None or (owner is not None and stream.queue is not owner):
             return
         del self._streams[request_id]
+        if self._held.pop(request_id, None) is not None:  # never reached the engine
+            for r in stream.group:
+                r.status, r.finish_reason = RequestStatus.FINISHED, "abort"
         for r in stream.group:
             if not r.is_finished:
                 self._llm.engine.scheduler.finish(r, "abort")
@@ -178,21 +197,90 @@ class AsyncLLM:
         stream.put(self._output(stream))
         stream.put(None)
 
+    # -- pause and resume --------------------------------------------------------------------
+
+    async def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> None:
+        """Stop generating between device calls; new requests are held until
+        `resume_generation`. What happens to the requests in flight:
+
+        - "abort": they end with finish_reason "abort", keeping the tokens they have;
+        - "wait": they run to their end; the call returns once they have;
+        - "keep": they are frozen where they stand, with their KV, and continue at the resume.
+
+        A weight update (`reload_weights`, `update_weights`) or a `sleep` is allowed while
+        paused in every mode. `clear_cache=True` forgets every cached prefix, and frozen
+        requests drop their KV too: at the resume it is recomputed from their tokens, under
+        the weights serving then.
+        """
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause_generation: mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+        if not isinstance(clear_cache, bool):
+            raise ValueError(f"pause_generation: clear_cache must be a bool, got {clear_cache!r}")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def pause() -> None:
+            def finish() -> None:
+                if clear_cache:
+                    self._llm.engine.scheduler.preempt_all()  # frozen requests: recomputed later
+                    self._llm.engine.scheduler.reset_prefix_cache()
+                loop.call_soon_threadsafe(_settle, done, None, None)
+
+            self._pause = mode
+            if mode == "abort":
+                for request_id in [i for i in self._streams if i not in self._held]:
+                    self._abort(request_id)
+            if mode == "wait" and self._in_flight():
+                self._drained.append(finish)
+            else:
+                finish()
+
+        self._submit(pause)
+        await done
+
+    async def resume_generation(self) -> None:
+        """Generate again: frozen requests continue, held ones join the batch. Resuming an
+        engine that is not paused does nothing."""
+
+        def resume() -> None:
+            self._pause = None
+            for stream in self._held.values():
+                self._llm.engine.add_requests(stream.group)
+            self._held.clear()
+
+        await self._call(resume)
+
+    async def is_paused(self) -> bool:
+        return await self._call(lambda: self._pause is not None)
+
+    def _in_flight(self) -> int:
+        """Requests in the engine (admitted and not finished); held ones are not."""
+        return len(self._streams) - len(self._held)
+
     # -- lifecycle: awaitable, run between device calls ----------------------------------
 
     async def sleep(self, level: int = 1) -> None:
-        await self._call(lambda: self._idle("sleep") or self._llm.sleep(level))
+        """Release device memory. While paused in keep mode the frozen requests lose their
+        KV with it: they recompute it from their tokens at the resume."""
+        def sleep() -> None:
+            self._idle("sleep", while_paused=True)
+            self._llm.engine.scheduler.preempt_all()
+            self._llm.sleep(level)
+
+        await self._call(sleep)
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
-        await self._call(lambda: self._idle("wake_up") or self._llm.wake_up(tags))
+        await self._call(lambda: self._idle("wake_up", while_paused=True) or self._llm.wake_up(tags))
 
     async def reload_weights(self, **source: Any) -> None:
-        await self._call(lambda: self._idle("reload_weights") or self._llm.reload_weights(**source))
+        await self._call(lambda: self._idle("reload_weights", while_paused=True)
+                         or self._llm.reload_weights(**source))
 
     async def update_weights(self, buckets: Any, **options: Any) -> None:
         """`LLM.update_weights` on the engine thread, between device calls; `buckets` is
         consumed there (a plain iterable or generator, not an async one)."""
-        await self._call(lambda: self._idle("update_weights") or self._llm.update_weights(buckets, **options))
+        await self._call(lambda: self._idle("update_weights", while_paused=True)
+                         or self._llm.update_weights(buckets, **options))
 
     @property
     def weight_version(self) -> int:
@@ -204,7 +292,7 @@ class AsyncLLM:
     async def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; False while requests are in flight (as vLLM), whose
         blocks stay in use."""
-        return await self._call(lambda: not self._streams and self._llm.reset_prefix_cache())
+        return await self._call(lambda: not self._in_flight() and self._llm.reset_prefix_cache())
 
     async def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
                              args: tuple = (), kwargs: dict[str, Any] | None = None) -> list:
@@ -212,17 +300,26 @@ class AsyncLLM:
         engine as its own call does."""
         changes_state = isinstance(method, str) and method in ("sleep", "wake_up", "reload_weights",
                                                                 "update_weights", "update_config")
-        return await self._call(lambda: (self._idle(method) if changes_state else None)
-                                or self._llm.collective_rpc(method, timeout, args, kwargs))
+
+        def call() -> list:
+            if changes_state:
+                self._idle(method, while_paused=method != "update_config")
+                if method == "sleep":  # as `sleep`: frozen requests give up their KV first
+                    self._llm.engine.scheduler.preempt_all()
+            return self._llm.collective_rpc(method, timeout, args, kwargs)
+
+        return await self._call(call)
 
     async def is_sleeping(self) -> bool:
         return await self._call(lambda: bool(self._llm.runner.state.sleeping))
 
-    def _idle(self, what: str) -> None:
-        """Weights and KV change only with nothing in flight: a request would otherwise mix
-        tokens of two weight versions, or read a freed cache."""
-        if self._streams:
-            raise RuntimeError(f"{what}: {len(self._streams)} request(s) in flight; abort them or wait "
+    def _idle(self, what: str, while_paused: bool = False) -> None:
+        """Weights and KV change only with nothing in flight, or, for `while_paused` calls,
+        with every request frozen (paused in keep mode): a running request would otherwise
+        mix tokens of two weight versions unannounced, or read a freed cache."""
+        if self._in_flight() and not (while_paused and self._pause == "keep"):
+            how = "pause_generation(mode='keep') first, " if while_paused else ""
+            raise RuntimeError(f"{what}: {self._in_flight()} request(s) in flight; {how}abort them, or wait "
                                "for them to finish first")
 
     def shutdown(self) -> None:
@@ -262,7 +359,7 @@ class AsyncLLM:
     def _serve(self) -> None:
         engine = self._llm.engine
         while True:
-            busy = engine.has_unfinished()
+            busy = engine.has_unfinished() and self._pause in (None, "wait")
             try:
                 command = self._inbox.get(block=not busy)
             except queue.Empty:
@@ -278,8 +375,12 @@ class AsyncLLM:
                     command = self._inbox.get_nowait()
                 except queue.Empty:
                     command = ...
-            if engine.has_unfinished():
+            if engine.has_unfinished() and self._pause in (None, "wait"):
                 self._step()
+            if self._drained and not self._in_flight():
+                for answer in self._drained:
+                    answer()
+                self._drained.clear()
 
     def _step(self) -> None:
         engine = self._llm.engine
@@ -306,6 +407,10 @@ class AsyncLLM:
         for stream in self._streams.values():
             stream.put(error)
         self._streams.clear()
+        self._held.clear()
+        for answer in self._drained:  # nothing is in flight any more
+            answer()
+        self._drained.clear()
 
     def _has_news(self, stream: _Stream) -> bool:
         return any(len(r.output_token_ids) > sent for r, sent in zip(stream.group, stream.sent_tokens))

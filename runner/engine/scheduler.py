@@ -254,9 +254,16 @@ class Scheduler:
             request.block_ids.extend(self.pool.allocate(needed))
         return True
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+    def preempt_all(self) -> None:
+        """Free every running request's KV; each is recomputed from its tokens when it is
+        next admitted (after a weight change: under the new weights). Their order is kept."""
+        for request in list(reversed(self.running)):
+            self._preempt(request)
+
+    def _preempt(self, request: Request, out: SchedulerOutput | None = None) -> None:
         self.running.remove(request)
-        out.scheduled = [s for s in out.scheduled if s.request is not request]
+        if out is not None:
+            out.scheduled = [s for s in out.scheduled if s.request is not request]
         self.pool.free(request.block_ids)
         request.block_ids, request.block_hashes = [], []
         request.num_computed_tokens = 0

@@ -5,7 +5,7 @@
 - POST /tokenize, /detokenize: text <-> token ids with the model's tokenizer
 - GET /metrics: Prometheus text (`runner.server.metrics`)
 - only with `enable_control_endpoints` (vLLM's development mode): POST /sleep, /wake_up,
-  /reset_prefix_cache, /collective_rpc; GET /is_sleeping
+  /pause, /resume, /reset_prefix_cache, /collective_rpc; GET /is_sleeping, /is_paused
 """
 
 from __future__ import annotations
@@ -155,6 +155,21 @@ def _add_control_endpoints(app: FastAPI, llm: AsyncLLM) -> None:
     @app.get("/is_sleeping")
     async def is_sleeping() -> dict[str, bool]:
         return {"is_sleeping": await llm.is_sleeping()}
+
+    @app.post("/pause")
+    async def pause(mode: str = "abort", clear_cache: bool = False) -> Response:
+        # Returns once paused: with mode=wait, once the requests in flight have finished.
+        await _control(llm.pause_generation(mode=mode, clear_cache=clear_cache))
+        return Response(status_code=200)
+
+    @app.post("/resume")
+    async def resume() -> Response:
+        await _control(llm.resume_generation())
+        return Response(status_code=200)
+
+    @app.get("/is_paused")
+    async def is_paused() -> dict[str, bool]:
+        return {"is_paused": await llm.is_paused()}
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> dict[str, bool]:

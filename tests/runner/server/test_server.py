@@ -239,6 +239,22 @@ def test_sleep_gives_503_until_wake_up(http: httpx.Client) -> None:
     _error(http.post("/collective_rpc", json={"method": "no_such_method"}), 400)
 
 
+def test_pause_holds_new_requests_until_resume(http: httpx.Client) -> None:
+    assert http.post("/pause", params={"mode": "keep"}).status_code == 200
+    try:
+        assert http.get("/is_paused").json() == {"is_paused": True}
+        _error(http.post("/pause", params={"mode": "stop"}), 400)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(http.post, "/v1/completions", json={"prompt": "x", "max_tokens": 3})
+            time.sleep(0.5)
+            assert not held.done()  # held while paused
+            assert http.post("/resume").status_code == 200
+            assert len(held.result(timeout=60).json()["choices"][0]["text"]) > 0
+    finally:
+        http.post("/resume")
+    assert http.get("/is_paused").json() == {"is_paused": False}
+
+
 def test_control_endpoints_are_absent_without_the_flag() -> None:
     from runner.server import build_app
 
@@ -249,10 +265,12 @@ def test_control_endpoints_are_absent_without_the_flag() -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             codes = [(await c.post(path)).status_code
-                     for path in ("/sleep", "/wake_up", "/reset_prefix_cache", "/collective_rpc")]
-            return [*codes, (await c.get("/is_sleeping")).status_code, (await c.get("/health")).status_code]
+                     for path in ("/sleep", "/wake_up", "/pause", "/resume", "/reset_prefix_cache",
+                                  "/collective_rpc")]
+            return [*codes, (await c.get("/is_sleeping")).status_code, (await c.get("/is_paused")).status_code,
+                    (await c.get("/health")).status_code]
 
-    assert asyncio.run(main()) == [404, 404, 404, 404, 404, 200]
+    assert asyncio.run(main()) == [404] * 8 + [200]
 
 
 def test_leaving_a_stream_aborts_its_request(http: httpx.Client) -> None:
