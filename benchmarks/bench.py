@@ -264,14 +264,18 @@ class VllmPeer:
     returns their medians. Use it as a context manager: leaving it ends the subprocess.
     """
 
-    def __init__(self, python: str, folder: Path, w: Workload, timeout_s: float = 3600.0) -> None:
+    def __init__(self, python: str, folder: Path, w: Workload, timeout_s: float = 3600.0,
+                 worker: str = VLLM_WORKER, setup: dict[str, Any] | None = None) -> None:
+        """`worker` is the script the subprocess runs (W1's by default): it gets `setup`
+        as JSON in argv[1], prints VLLM_READY once its engine is up, then answers each
+        JSON job line of stdin with one VLLM_TIMES line (`run_job`)."""
         self._w, self._timeout_s = w, timeout_s
-        setup = {"folder": str(folder), "dtype": w.dtype, "max_model_len": w.prompt_len + w.max_tokens,
-                 "max_num_seqs": max(w.batch_sizes)}
+        setup = setup or {"folder": str(folder), "dtype": w.dtype, "max_model_len": w.prompt_len + w.max_tokens,
+                          "max_num_seqs": max(w.batch_sizes)}
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         env.pop("PYTHONPATH", None)  # vLLM must not import this project's packages
         self._stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would stall vLLM
-        self._proc = subprocess.Popen([python, "-c", VLLM_WORKER, json.dumps(setup)], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([python, "-c", worker, json.dumps(setup)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
         # vLLM logs to stdout too: a thread hands over the lines, so a read can time out.
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -303,8 +307,11 @@ class VllmPeer:
     def times(self, batch_size: int) -> dict[str, float]:
         """Median seconds of W1's runs at `batch_size`: TTFT, the step run and the whole run."""
         w = self._w
-        job = {"prompts": w.prompts(batch_size), "repeats": w.repeats, "max_tokens": w.max_tokens,
-               "step_tokens": step_tokens(w)}
+        return self.run_job({"prompts": w.prompts(batch_size), "repeats": w.repeats, "max_tokens": w.max_tokens,
+                             "step_tokens": step_tokens(w)})
+
+    def run_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Send one job line; the worker's answer."""
         self._proc.stdin.write(json.dumps(job) + "\n")
         self._proc.stdin.flush()
         return json.loads(self._expect("VLLM_TIMES"))

@@ -43,6 +43,10 @@ WORKLOAD_FLAGS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers"
 def _bench(args: argparse.Namespace) -> int:
     from benchmarks import bench  # here, not at the top: `generate` never loads benchmark code
 
+    if args.workload == "rollout":
+        from benchmarks import rollout
+        rollout.run(vllm_python=args.vllm_python, output=args.output)
+        return 0
     given = {name: getattr(args, name) for name in WORKLOAD_FLAGS if getattr(args, name) is not None}
     if "batch_sizes" in given:
         given["batch_sizes"] = tuple(given["batch_sizes"])
@@ -157,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     b = commands.add_parser("bench", parents=[after_command],
                             help="workload W1 on this runner and on transformers, side by side "
                                  "(every workload flag defaults to W1's value)")
+    b.add_argument("--workload", default="w1", choices=["w1", "rollout"],
+                   help="w1: batch sizes 1/8/32, greedy; rollout: W1-R (16 prompts x n=8 at temperature 1, "
+                        "with logprobs) and n samples sharing one prefill (benchmarks/rollout.py; "
+                        "workload flags do not apply)")
     b.add_argument("--model", default=None, help="HF folder to benchmark instead of W1's random weights")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])

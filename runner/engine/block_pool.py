@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -104,32 +104,21 @@ class BlockPool:
                 self.free_queue.pop(block, None)
             raise
 
-    def lookup_prefix(self, token_ids: Sequence[int], pending: Mapping[bytes, int] | None = None,
+    def lookup_prefix(self, token_ids: Sequence[int],
                       weight_version: int = 0) -> tuple[list[int], list[bytes]]:
         """The cached blocks of the longest cached prefix of `token_ids`, and their hashes.
-
-        `pending` adds blocks not cached yet (hash -> block) whose KV is written before any
-        reader of them runs: the full blocks that requests already scheduled in the current
-        step complete. Those are held by their writers, so taking them only adds a reference.
 
         Takes a reference to each block returned (reviving it from the free queue).
         """
         if not self.enable_caching:
             return [], []
-        pending = pending or {}
-        blocks, hashes, parent = [], [], version_root(weight_version)
-        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            digest = hash_block(parent, token_ids[start:start + self.block_size])
+        blocks, hashes = [], []
+        for digest in self._prefix_hashes(token_ids, weight_version):
             block = self.cached.get(digest)
             if block is None:
-                block = pending.get(digest)
-                if block is None:
-                    break
-                if self.ref_counts[block] == 0:  # its writer let it go: its KV may never come
-                    raise RuntimeError(f"pending KV block {block} is held by no request")
+                break
             blocks.append(block)
             hashes.append(digest)
-            parent = digest
         held = [self.ref_counts[b] for b in blocks]
         # Reviving removes blocks from the middle of the queue: only a copy of its order can
         # put them back where they were.
@@ -146,6 +135,23 @@ class BlockPool:
                 self.free_queue = OrderedDict.fromkeys(order)
             raise
         return blocks, hashes
+
+    def first_uncached(self, token_ids: Sequence[int], weight_version: int = 0) -> bytes | None:
+        """The hash of the first full block of `token_ids` that is not cached (None: none,
+        or no prefix caching)."""
+        if not self.enable_caching:
+            return None
+        for digest in self._prefix_hashes(token_ids, weight_version):
+            if digest not in self.cached:
+                return digest
+        return None
+
+    def _prefix_hashes(self, token_ids: Sequence[int], weight_version: int) -> Iterator[bytes]:
+        """The chained hashes of the full blocks of `token_ids`, first to last."""
+        parent = version_root(weight_version)
+        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
+            parent = hash_block(parent, token_ids[start:start + self.block_size])
+            yield parent
 
     def cache_blocks(self, blocks: Sequence[int], hashes: list[bytes], token_ids: Sequence[int],
                      num_full_blocks: int, weight_version: int = 0) -> None:

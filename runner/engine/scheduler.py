@@ -4,8 +4,8 @@ Each step has a token budget (`max_num_batched_tokens`) and a sequence limit
 (`max_num_seqs`). Running requests are served first, in admission order: a decode takes
 one token, an unfinished prompt the next chunk that fits. Waiting requests are then
 admitted while budget, sequence slots and KV blocks last, each starting after the longest
-prefix the block pool already holds or a request scheduled earlier in the same step writes
-(so the `n` samples of one prompt compute it once). When a running request needs a block
+prefix the block pool already holds; one whose prefix a running request is still computing
+waits for it (so the `n` samples of one prompt compute it once). When a running request needs a block
 and none is free, the most recently admitted request is preempted: its blocks are freed,
 its progress reset to zero, and it goes back to the front of the queue with its outputs
 kept.
@@ -118,15 +118,8 @@ class Scheduler:
             budget -= n
         # No admission into a multi-step decode: a one-token prefill would run its steps on
         # slots nobody reserved (a request preempted above waits for the next step).
-        written: dict[bytes, int] | None = None
-        while self.waiting and out.num_steps == 1 and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            if written is None:  # nothing preempts from here on: these chunks all run
-                written = self._blocks_written(out.scheduled)
-            if not self._admit(request, budget, out, written):
-                break
-            written.update(self._blocks_written(out.scheduled[-1:]))
-            budget -= out.scheduled[-1].num_tokens
+        if self.waiting and out.num_steps == 1:
+            self._admit_waiting(budget, out)
         if not out.scheduled and self.has_unfinished():
             # Every live request fits the pool alone (`check_fits`), so an empty step means
             # the bookkeeping lost blocks: stop here rather than loop on empty steps.
@@ -174,40 +167,55 @@ class Scheduler:
         return sum(max(self._blocks_for(r.num_computed_tokens + self.decode_step_tokens(r, num_steps))
                        - len(r.block_ids), 0) for r in self.running)
 
-    def _blocks_written(self, scheduled: Iterable[ScheduledRequest]) -> dict[bytes, int]:
-        """Hash -> block of the full blocks that `scheduled` chunks of the general batch
-        complete in this step.
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        """Admit waiting requests in order while budget, sequence slots and blocks last.
 
-        The general batch runs first and a forward writes every token's KV before attention
-        reads any, so a request admitted later in the same step can start after these
-        blocks, as after a prefix-cache hit: the `n` samples of one prompt, or equal
-        prompts, compute the prompt once. A block that a decode completes is not offered:
-        the decode program runs after the general batch, so a reader there would find its
-        last slots unwritten. It is cached once the step has run (`advance`).
+        A request whose next uncached prompt block a running request is still computing
+        waits for it, and is passed over (not in the way of those behind it): the `n`
+        samples of one prompt, or equal prompts, then find it cached and compute the prompt
+        once, each only the part after its last full block. Computing it beside the writer
+        in one step would cost as much: the attention of a general step reads each
+        sequence's context blocks, and a step holding one long prompt `n` times reads it
+        `n` times.
         """
-        written: dict[bytes, int] = {}
-        if not self.pool.enable_caching:
-            return written
-        for s in scheduled:
-            if s.in_decode_program:
+        coming = self._blocks_coming()
+        for request in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                return
+            if self._next_block(request) in coming:
                 continue
-            request = s.request
-            digests = self.pool.next_hashes(request.block_hashes, request.all_token_ids,
-                                            s.end // self.block_size, request.kv_weight_version)
-            for i, digest in enumerate(digests, start=len(request.block_hashes)):
-                written.setdefault(digest, request.block_ids[i])
-        return written
+            if not self._admit(request, budget, out):
+                return
+            coming |= self._blocks_coming([request])
+            budget -= out.scheduled[-1].num_tokens
 
-    def _admit(self, request: Request, budget: int, out: SchedulerOutput,
-               written: dict[bytes, int]) -> bool:
-        """Start (or resume) the request at the head of the queue, if it fits now. It starts
-        after the prefix it finds cached or `written` by this step's earlier chunks."""
+    def _blocks_coming(self, requests: Iterable[Request] | None = None) -> set[bytes]:
+        """Hashes of the full blocks that running `requests` (default: all) have still to
+        compute: prompt blocks, or the outputs' blocks a preempted request recomputes."""
+        coming: set[bytes] = set()
+        if not self.pool.enable_caching:
+            return coming
+        for r in self.running if requests is None else requests:
+            if r.num_tokens - r.num_computed_tokens > 1:
+                coming.update(self.pool.next_hashes(r.block_hashes, r.all_token_ids, r.num_tokens // self.block_size,
+                                                    r.kv_weight_version))
+        return coming
+
+    def _next_block(self, request: Request) -> bytes | None:
+        """The hash of the first full block of `request` the prefix cache does not hold."""
+        if request.sampling_params.prompt_logprobs is not None:  # it takes nothing cached
+            return None
+        return self.pool.first_uncached(request.all_token_ids, self.weight_version)
+
+    def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
+        """Start (or resume) a waiting request, if it fits now. It starts after the prefix
+        it finds cached."""
         first_admission = request.num_preemptions == 0
         tokens = request.all_token_ids
         # Prompt logprobs need every prompt position computed: such requests skip the cache.
         wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
         blocks, hashes = ([], []) if wants_prompt_logprobs else self.pool.lookup_prefix(
-            tokens, written, self.weight_version)
+            tokens, self.weight_version)
         # At least one token must run through the model to produce the next token's logits.
         while blocks and len(blocks) * self.block_size >= len(tokens):
             self.pool.free([blocks.pop()])
@@ -234,7 +242,7 @@ class Scheduler:
             self.stats.num_prompt_tokens += len(request.prompt_token_ids)
             self.stats.num_cached_prompt_tokens += num_cached
         request.status = RequestStatus.RUNNING
-        self.waiting.popleft()
+        self.waiting.remove(request)
         self.running.append(request)
         out.scheduled.append(ScheduledRequest(request, num_cached, n))
         return True

@@ -107,51 +107,21 @@ class PoolMachine(RuleBasedStateMachine):
         holder = data.draw(st.sampled_from(self.live))
         self._compute(holder, min(len(holder.tokens) // BLOCK_SIZE, holder.computed + extra))
 
-    @precondition(lambda self: any(len(h.tokens) // BLOCK_SIZE > h.computed for h in self.live))
-    @rule(data=st.data(), extra=st.integers(1, 5), cut=st.integers(0, 10),
-          tail=st.lists(st.integers(0, 1), max_size=3))
-    def admit_while_written(self, data, extra: int, cut: int, tail: list[int]):
-        """What the scheduler does in one step: a writer's chunk completes full blocks, and a
-        request admitted in the same step looks its prefix up with those blocks pending,
-        then the forward writes them."""
-        writer = data.draw(st.sampled_from([h for h in self.live if len(h.tokens) // BLOCK_SIZE > h.computed]))
-        num_full = min(len(writer.tokens) // BLOCK_SIZE, writer.computed + extra)
-        digests = self.pool.next_hashes(writer.hashes, writer.tokens, num_full)
-        pending = {d: writer.blocks[i] for i, d in enumerate(digests, start=len(writer.hashes))}
-        pending_model = {tuple(writer.tokens[:(i + 1) * BLOCK_SIZE]): writer.blocks[i]
-                         for i in range(len(writer.hashes), num_full)} if self.caching else {}
-        tokens = writer.tokens[:cut] + tail
-        expected = []
-        for i in range(len(tokens) // BLOCK_SIZE):
-            prefix = tuple(tokens[:(i + 1) * BLOCK_SIZE])
-            block = self.model_cache.get(prefix, pending_model.get(prefix))
-            if block is None or not self.caching:
-                break
-            expected.append(block)
-        blocks, hashes = self.pool.lookup_prefix(tokens, pending)
-        assert blocks == expected, "lookup must extend the cached prefix with the pending blocks"
-        shared = set(blocks) & set(pending.values())
-        if shared:
-            event("took blocks written in the same step")
-        needed = -(-len(tokens) // BLOCK_SIZE) - len(blocks)
-        if needed > self.pool.num_free_blocks:
-            self.pool.free(blocks)
-            event("admit while written: no room")
-            self._compute(writer, num_full)
+    @rule(tokens=tokens_strategy)
+    def first_uncached(self, tokens: list[int]):
+        """What the scheduler asks before it admits: the first full block not cached."""
+        got = self.pool.first_uncached(tokens)
+        n = self._expected_prefix(tokens)
+        if not self.caching or (n + 1) * BLOCK_SIZE > len(tokens):
+            assert got is None
             return
-        reader = Holder(list(tokens), blocks + self._take(needed), hashes, len(blocks))
-        self.live.append(reader)
-        self._compute(writer, num_full, shared)
-        for i, b in enumerate(reader.blocks[:reader.computed]):
-            assert self.content.get(b) == tuple(tokens[:(i + 1) * BLOCK_SIZE]), \
-                f"block {b} shared in its step holds the KV of another prefix"
+        assert got == self.pool.next_hashes([], tokens, n + 1)[n]
 
-    def _compute(self, holder: Holder, num_full: int, shared: set[int] = frozenset()) -> None:
-        """`holder` writes its blocks up to `num_full`; a request admitted in this step
-        holds those of them in `shared` too (it reads them only after this write)."""
+    def _compute(self, holder: Holder, num_full: int) -> None:
+        """`holder` writes its blocks up to `num_full`."""
         for i in range(holder.computed, num_full):
             b = holder.blocks[i]
-            assert self.pool.ref_counts[b] == 1 + (b in shared), "a request writes only blocks it alone holds"
+            assert self.pool.ref_counts[b] == 1, "a request writes only blocks it alone holds"
             self.content[b] = tuple(holder.tokens[:(i + 1) * BLOCK_SIZE])
         before = len(holder.hashes)
         self.pool.cache_blocks(holder.blocks, holder.hashes, holder.tokens, num_full)

@@ -1,9 +1,10 @@
 """Parallel samples and equal prompts compute their shared prompt once.
 
-The requests a step admits after one whose chunk completes full prompt blocks take those
-blocks as a prefix-cache hit (the forward writes every token's KV before attention reads
-any), so `n` samples of a prompt, or equal prompts in one call, compute it once: the first
-request the whole prompt, each other only the part after its last full block.
+A waiting request whose next prompt block a running request is still computing waits for
+it and then takes it from the prefix cache, so `n` samples of a prompt, or equal prompts
+in one call, compute it once: the first request the whole prompt, each other only the part
+after its last full block, in a later step (never beside the writer: a step's attention
+would read the long prompt once per copy).
 """
 
 from __future__ import annotations
@@ -72,9 +73,19 @@ def test_a_prompt_of_whole_blocks_recomputes_its_last_block_per_follower():
     assert stats.num_computed_tokens == len(prompt) + (N - 1) * BLOCK + DECODES
 
 
+def test_followers_wait_for_the_writer_and_never_share_its_step():
+    sched = make_scheduler(block_size=BLOCK, num_blocks=256, max_model_len=512, max_num_seqs=N,
+                           max_num_batched_tokens=1024, model=dataclasses.replace(MODEL, max_position_embeddings=512))
+    for i in range(N):
+        sched.add_request(make_request(i, PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True))
+    first = sched.schedule()
+    assert [s.num_tokens for s in first.scheduled] == [len(PROMPT)]  # the others wait for it
+    assert len(sched.waiting) == N - 1
+
+
 def test_chunked_prompt_shares_the_blocks_each_chunk_completes():
-    """The first chunk takes the whole budget; in the next step the others find its blocks
-    cached and the blocks the last chunk completes pending: the prompt still runs once."""
+    """The first chunk takes the whole budget; the others wait until the writer's last
+    chunk has run, then find the whole prompt cached: the prompt still runs once."""
     stats, _ = _run(PROMPT, N, budget=128)
     assert stats.num_computed_tokens == SHARED
 
