@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         engine_args["max_call_seconds"] = args.max_call_seconds
     run_server(args.model, host=args.host, port=args.port, served_model_names=args.served_model_name,
                enable_control_endpoints=args.enable_control_endpoints, log_level=args.uvicorn_log_level,
-               **engine_args)
+               warmup=args.warmup, **engine_args)
     return 0
 
 
@@ -108,11 +108,15 @@ def _add_serve(commands: argparse._SubParsersAction, after_command: argparse.Arg
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model id(s) requests name (default: the model path, or 'builtin')")
     s.add_argument("--enable-control-endpoints", action="store_true",
-                   help="add /sleep, /wake_up, /is_sleeping, /reset_prefix_cache and /collective_rpc "
+                   help="add /sleep, /wake_up, /is_sleeping, /pause, /resume, /is_paused, "
+                        "/reset_prefix_cache and /collective_rpc "
                         "(vLLM's development mode); anyone who reaches the port can call them")
     for flag, kind, text in SERVE_ENGINE_FLAGS:
         s.add_argument(flag, type=kind, default=None, help=text)
     s.add_argument("--no-enable-prefix-caching", action="store_true", help="turn the prefix cache off")
+    s.add_argument("--warmup", action="store_true",
+                   help="compile every serving program before the port opens (minutes on a CPU; "
+                        "with --compilation-cache, later starts read them back)")
     s.add_argument("--max-call-seconds", type=float, default=None,
                    help="the duration a decode call aims under while streaming (default: runner.AsyncLLM's)")
     s.add_argument("--uvicorn-log-level", default="info",

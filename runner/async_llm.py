@@ -35,6 +35,7 @@ from typing import Any
 from runner import inputs
 from runner.engine.engine import update
 from runner.engine.outputs import CompletionOutput, RequestOutput, request_output
+from runner.device.warmup import WarmupReport
 from runner.llm import LLM
 from runner.sampling_params import RequestOutputKind, SamplingParams
 from state.config import RunnerConfig
@@ -312,6 +313,10 @@ class AsyncLLM:
 
     async def is_sleeping(self) -> bool:
         return await self._call(lambda: bool(self._llm.runner.state.sleeping))
+
+    async def warmup(self) -> WarmupReport:
+        """Compile every program serving can ask for (`LLM.warmup`), on the engine thread."""
+        return await self._call(lambda: self._idle("warmup") or self._llm.warmup())
 
     def _idle(self, what: str, while_paused: bool = False) -> None:
         """Weights and KV change only with nothing in flight, or, for `while_paused` calls,

@@ -28,13 +28,19 @@ def generation_defaults(llm: AsyncLLM, generation_config: str = "auto") -> dict[
 def run_server(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
                served_model_names: list[str] | None = None, enable_control_endpoints: bool = False,
                max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS, log_level: str = "info",
-               **engine_args: Any) -> None:
+               warmup: bool = False, **engine_args: Any) -> None:
     """Load the model, then serve until interrupted (SIGINT or SIGTERM). The port opens only
-    once the model is loaded, so a client that sees /health answer can send requests."""
+    once the model is loaded (and, with `warmup`, every serving program compiled, as vLLM
+    does at startup), so a client that sees /health answer can send requests."""
+    import asyncio
+
     import uvicorn
 
     llm = AsyncLLM(model, max_call_seconds=max_call_seconds, **engine_args)
     try:
+        if warmup:
+            report = asyncio.run(llm.warmup())
+            print(f"warmed up: {report.num_compilations} programs compiled in {report.seconds:.1f} s", flush=True)
         names = served_model_names or [model or BUILTIN_NAME]
         defaults = generation_defaults(llm, engine_args.get("generation_config", "auto"))
         app = build_app(llm, names, defaults, enable_control_endpoints)

@@ -222,3 +222,21 @@ def test_bad_construction_and_shutdown():
 
     with pytest.raises(RuntimeError, match="shut down"):
         run(main())
+
+
+def test_warmup_compiles_every_program_a_request_needs():
+    from runner.device.compilation import CompileCounter
+
+    # The smallest settings: warm-up compiles every shape they allow (tests/runner/device/test_warmup.py).
+    llm = AsyncLLM(max_model_len=32, num_kv_blocks=4, block_size=16, max_num_seqs=1, max_num_batched_tokens=16,
+                   decode_steps=4)
+    try:
+        report = run(llm.warmup())
+        assert report.num_compilations > 0
+        with CompileCounter() as compiles:
+            out = run(collect(llm, PROMPTS[0], SamplingParams(temperature=0.7, seed=1, max_tokens=12,
+                                                               ignore_eos=True, logprobs=2)))
+        assert len(out[-1].outputs[0].token_ids) == 12
+        assert compiles.count == 0
+    finally:
+        llm.shutdown()
