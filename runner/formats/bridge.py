@@ -4,6 +4,8 @@
 held in memory. This module adds the explicit conversions around them:
     params_from_flax  a Flax training model's parameters -> the runner's tree, through a
                       name table (`FLAX_NAME_MAP` for `models.flax_llama`, or the user's own)
+    flax_from_params  the inverse: a runner tree (a served checkpoint) -> a Flax training
+                      model holding those arrays, e.g. to fine-tune what a runner serves
     cast_params       the tree in another dtype, explicitly
     save_pretrained   the tree as a Hugging Face folder transformers loads as it is
 """
@@ -94,6 +96,48 @@ def params_from_flax(model: Any, model_config: ModelConfig,
                      name_map: Mapping[str, str] = FLAX_NAME_MAP) -> Params:
     """The runner's tree holding a Flax model's parameters (no copy, no disk)."""
     return params_from_named(flax_named_params(model), model_config, name_map)
+
+
+def flax_from_params(params: Params, model_config: ModelConfig,
+                     name_map: Mapping[str, str] = FLAX_NAME_MAP) -> Any:
+    """A `models.flax_llama.CausalLM` holding the runner tree's arrays (no copy).
+
+    The model is built abstractly (`nnx.eval_shape`: nothing is initialised) and each of
+    its parameters takes the leaf `name_map` names. Every parameter must find its leaf with
+    the same shape and dtype, and every leaf of the tree but the FP8 KV scales (a serving
+    detail the training model has no use for) must be taken; anything else is a
+    `CheckpointError` naming the parameter or leaf.
+    """
+    from flax import nnx
+
+    from models.flax_llama import CausalLM
+
+    validate_params(params, model_config)
+    leaves = dict(zip(leaf_paths(params), jax.tree.leaves(params)))
+    abstract = nnx.eval_shape(lambda: CausalLM(model_config, nnx.Rngs(0)))
+    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):  # anything but parameters (an RNG stream) would stay abstract
+        raise CheckpointError(f"the Flax model holds state besides its parameters: {rest}")
+    table = [(re.compile(pattern + r"\Z"), leaf) for pattern, leaf in name_map.items()]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    filled, taken = [], set()
+    for path, want in flat:
+        name = ".".join(p for p in path_str(path).split(".") if p != "value")
+        leaf = next((t.format(*m.groups()) for pat, t in table if (m := pat.match(name))), None)
+        if leaf is None:
+            raise CheckpointError(f"parameter {name!r} matches no entry of the name map")
+        if leaf not in leaves:
+            raise CheckpointError(f"parameter {name!r} maps to leaf {leaf!r}, which the tree does not hold")
+        array = leaves[leaf]
+        if tuple(array.shape) != tuple(want.shape) or jnp.dtype(array.dtype) != jnp.dtype(want.dtype):
+            raise CheckpointError(f"leaf {leaf!r} is {jnp.dtype(array.dtype).name}{list(array.shape)}; parameter "
+                                  f"{name!r} needs {jnp.dtype(want.dtype).name}{list(want.shape)}")
+        filled.append(array)
+        taken.add(leaf)
+    unused = sorted(p for p in leaves if p not in taken and not p.endswith(("k_scale", "v_scale")))
+    if unused:
+        raise CheckpointError(f"the Flax model has no parameter for leaf/leaves {', '.join(unused)}")
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, filled), rest)
 
 
 def cast_params(params: Params, dtype: str) -> Params:

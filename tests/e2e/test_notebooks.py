@@ -15,9 +15,9 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
 
-def test_the_four_notebooks_exist() -> None:
+def test_the_five_notebooks_exist() -> None:
     assert {p.stem for p in NOTEBOOKS} == {"quickstart", "weight_lifecycle", "training_to_serving",
-                                           "benchmark"}
+                                           "benchmark", "grpo"}
 
 
 def _outputs(book: Any) -> list[Any]:
@@ -77,6 +77,15 @@ def test_notebook_output_carries_no_warning(executed: Callable[[str], Any], name
 
 def test_benchmark_draws_its_figure_inline(executed: Callable[[str], Any]) -> None:
     assert any("image/png" in o.get("data", {}) for o in _outputs(executed("benchmark")))
+
+
+def test_grpo_draws_its_curve_and_shows_the_reward_rise(executed: Callable[[str], Any]) -> None:
+    outputs = _outputs(executed("grpo"))
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    line = next(line for o in outputs for line in _text(o).splitlines() if line.startswith("reward: first 5 steps"))
+    first, last = (float(word.rstrip(",")) for word in line.split() if word[0].isdigit() and "." in word)
+    assert last > first + 0.15
+    assert any(line.startswith("sync share of a step: ") for o in outputs for line in _text(o).splitlines())
 
 
 def test_quickstart_shows_a_refused_change(executed: Callable[[str], Any]) -> None:

@@ -13,10 +13,12 @@ from flax import nnx
 
 from models.flax_llama import CausalLM, next_token_loss
 from runner import LLM, SamplingParams
-from runner.formats.bridge import FLAX_NAME_MAP, cast_params, params_from_flax, params_from_named, save_pretrained
+from runner.formats.bridge import (FLAX_NAME_MAP, cast_params, flax_from_params, params_from_flax, params_from_named,
+                                   save_pretrained)
 from runner.formats.orbax_io import save_params
 from runner.formats.param_tree import CheckpointError
 from state import ModelConfig
+from state.params import leaf_paths
 
 CFG = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=67, hidden_size=40, intermediate_size=72,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
@@ -108,3 +110,48 @@ def test_dtype_conversion_is_explicit():
     served = LLM.from_params(dataclasses.replace(CFG, dtype="bfloat16"), half, max_model_len=64,
                              num_kv_blocks=32)
     assert served.runner.params.embed.dtype == jax.numpy.bfloat16
+
+
+@pytest.mark.parametrize("architecture, tied", [("Qwen3ForCausalLM", True), ("Qwen3ForCausalLM", False),
+                                                ("Qwen2ForCausalLM", True)])
+def test_flax_from_params_inverts_params_from_flax(architecture, tied):
+    import dataclasses
+    cfg = dataclasses.replace(CFG, architecture=architecture, tie_word_embeddings=tied,
+                              attention_bias=architecture == "Qwen2ForCausalLM")
+    model = _trained(cfg)
+    params = params_from_flax(model, cfg)
+    back = flax_from_params(params, cfg)
+    assert isinstance(back, CausalLM)
+    # The same arrays, not copies: the round trip is free (KV scales aside: the training
+    # model has none, params_from_flax makes them).
+    again = params_from_flax(back, cfg)
+    pairs = [(a, b) for path, a, b in zip(leaf_paths(params), jax.tree.leaves(params), jax.tree.leaves(again))
+             if not path.endswith(("k_scale", "v_scale"))]
+    assert pairs and all(a is b for a, b in pairs)
+    tokens = np.array(PROMPTS[0])[None]
+    np.testing.assert_array_equal(np.asarray(back(tokens)), np.asarray(model(tokens)))
+
+
+def test_flax_from_params_gives_the_served_models_logits():
+    llm = LLM(max_model_len=64, num_kv_blocks=16)  # the built-in model
+    cfg = llm.config.model_config
+    model = flax_from_params(llm.runner.params, cfg)
+    ids = llm.get_tokenizer().encode("def fibonacci(n):\n    return")
+    np.testing.assert_allclose(np.asarray(model(np.array([ids])))[0], llm.forward_tokens(ids), atol=1e-4)
+
+
+def test_flax_from_params_errors_are_explicit():
+    import dataclasses
+    params = params_from_flax(CausalLM(CFG, nnx.Rngs(0)), CFG)
+    wider = dataclasses.replace(CFG, intermediate_size=80)
+    with pytest.raises(CheckpointError, match=r"leaf 'layers\.0\.w_gate' has shape \(40, 72\); expected \(40, 80\)"):
+        flax_from_params(params, wider)
+    no_norm = {k: v for k, v in FLAX_NAME_MAP.items() if "q_norm" not in k}
+    with pytest.raises(CheckpointError, match=r"parameter 'layers\.0\.self_attn\.q_norm\.scale' matches no entry"):
+        flax_from_params(params, CFG, no_norm)
+    to_bias = {**FLAX_NAME_MAP, r"layers\.(\d+)\.self_attn\.q_norm\.scale": "layers.{}.bq"}
+    with pytest.raises(CheckpointError, match=r"maps to leaf 'layers\.0\.bq', which the tree does not hold"):
+        flax_from_params(params, CFG, to_bias)
+    to_k_norm = {**FLAX_NAME_MAP, r"layers\.(\d+)\.self_attn\.q_norm\.scale": "layers.{}.k_norm"}
+    with pytest.raises(CheckpointError, match=r"no parameter for leaf/leaves layers\.0\.q_norm, layers\.1\.q_norm"):
+        flax_from_params(params, CFG, to_k_norm)

@@ -1,0 +1,1 @@
+"""Scripts that build or train the models this repository ships (`python -m tools.<name>`)."""
