@@ -39,7 +39,8 @@ import jax
 import numpy as np
 
 from runner.formats.files import parse_json
-from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig, SchedulerConfig)
+from state.config import (CacheConfig, LoadConfig, ModelConfig, ParallelConfig, RopeScaling, RunnerConfig,
+                          SamplerConfig, SchedulerConfig)
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
@@ -132,7 +133,7 @@ def _parse_message(process: int, raw: bytes) -> list[Any]:
 # A record travels as its class name and fields and is rebuilt through its constructor,
 # which validates it again; no other class is ever instantiated.
 _RECORDS = {cls.__name__: cls for cls in (RunnerConfig, ModelConfig, RopeScaling, LoadConfig, CacheConfig,
-                                          SchedulerConfig, ParallelConfig)}
+                                          SchedulerConfig, ParallelConfig, SamplerConfig)}
 _RECORD_NAMES = {cls: name for name, cls in _RECORDS.items()}
 
 
