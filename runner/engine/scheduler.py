@@ -4,11 +4,11 @@ Each step has a token budget (`max_num_batched_tokens`) and a sequence limit
 (`max_num_seqs`). Running requests are served first, in admission order: a decode takes
 one token, an unfinished prompt the next chunk that fits. Waiting requests are then
 admitted while budget, sequence slots and KV blocks last, each starting after the longest
-prefix the block pool already holds; one whose prefix a running request is still computing
-waits for it (so the `n` samples of one prompt compute it once). When a running request needs a block
-and none is free, the most recently admitted request is preempted: its blocks are freed,
-its progress reset to zero, and it goes back to the front of the queue with its outputs
-kept.
+prefix the block pool already holds; one whose prefix a running request is still
+computing waits for it (so the `n` samples of one prompt compute it once). When a running
+request needs a block and none is free, the most recently admitted request is preempted:
+its blocks are freed, its progress reset to zero, and it goes back to the front of the
+queue with its outputs kept.
 
 When every running request decodes, a step is a multi-step decode of `num_steps` tokens
 per request in one device call (see `_num_decode_steps`): the KV slots of all the steps
@@ -182,7 +182,8 @@ class Scheduler:
         for request in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 return
-            if self._next_block(request) in coming:
+            # Hashing a prompt costs a pass over it: only when some prefill is running.
+            if coming and self._next_block(request) in coming:
                 continue
             if not self._admit(request, budget, out):
                 return
