@@ -158,8 +158,10 @@ async def chat_completions(state: ServerState, request: ChatCompletionRequest) -
         def chunk(index: int, c: CompletionOutput, offset: int, finished: bool) -> dict[str, Any]:
             logprobs = shapes.chat_logprobs(c, top, as_ids, tokenizer)
             delta = {"content": c.text} if c.text or not finished else {}
-            return {"choices": [shapes.chat_delta(index, delta, logprobs, c.finish_reason if finished else None,
-                                                  c.stop_reason if finished else None)]}
+            if not finished:
+                return {"choices": [shapes.chat_delta(index, delta, logprobs)]}
+            return {"choices": [shapes.chat_delta(index, delta, logprobs, c.finish_reason, c.stop_reason,
+                                                  shapes.weight_versions(c))]}
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
         roles = [{**head, "choices": [shapes.chat_delta(i, {"role": "assistant", "content": ""})]}
                  for i in range(request.n)]

@@ -78,19 +78,31 @@ def chat_logprobs(c: CompletionOutput, top_logprobs: int, as_ids: bool,
     return {"content": content}
 
 
+def weight_versions(c: CompletionOutput) -> list[list[int]]:
+    """Which weights made which tokens: `[first_token_index, weight_version]` spans over the
+    whole completion (one span unless the weights changed while it ran). Not an OpenAI
+    field; clients read it as an extra attribute of the choice."""
+    return [[first, version] for first, version in c.weight_versions]
+
+
 def completion_choice(index: int, c: CompletionOutput, logprobs: dict[str, list[Any]] | None,
                       finished: bool) -> dict[str, Any]:
-    return {"index": index, "text": c.text, "logprobs": logprobs,
-            "finish_reason": c.finish_reason if finished else None,
-            "stop_reason": c.stop_reason if finished else None}
+    choice = {"index": index, "text": c.text, "logprobs": logprobs,
+              "finish_reason": c.finish_reason if finished else None,
+              "stop_reason": c.stop_reason if finished else None}
+    # A stream's spans are complete only at its end: they come with the last chunk.
+    return {**choice, "weight_versions": weight_versions(c)} if finished else choice
 
 
 def chat_choice(index: int, c: CompletionOutput, logprobs: dict[str, list[Any]] | None) -> dict[str, Any]:
     return {"index": index, "message": {"role": "assistant", "content": c.text},
-            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+            "weight_versions": weight_versions(c)}
 
 
 def chat_delta(index: int, delta: dict[str, Any], logprobs: dict[str, list[Any]] | None = None,
-               finish_reason: str | None = None, stop_reason: int | str | None = None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
-            "stop_reason": stop_reason}
+               finish_reason: str | None = None, stop_reason: int | str | None = None,
+               versions: list[list[int]] | None = None) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+              "stop_reason": stop_reason}
+    return choice if versions is None else {**choice, "weight_versions": versions}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("environment", "parity", "lifecycle", "benchmark")
+SECTIONS = ("environment", "parity", "lifecycle", "weight_sync", "benchmark")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,17 @@ def test_lifecycle_reload_and_sleep(report):
     memory = lifecycle["figures"]["memory"]
     assert memory["sleep1"]["live_array_bytes"] < memory["awake"]["live_array_bytes"]
     assert memory["swap_awake_s"] > 0
+
+
+def test_weight_sync_figures(report):
+    sync = report["sections"]["weight_sync"]
+    assert sync["status"] == "passed", sync["checks"]
+    figures = sync["figures"]["weight_sync"]
+    for label in ("device tree", "streamed device", "donated", "host tree", "wake 1", "sleep 2 + reload"):
+        assert figures[label]["s"] > 0 and figures[label]["ratio"] > 0
+    peak = figures["streamed peak"]
+    assert 0 < peak["largest_bucket_bytes"] < figures["weight_bytes"]
+    assert "allocator" not in peak  # the CPU client reports no allocator statistics
 
 
 def test_benchmark_rows(report):

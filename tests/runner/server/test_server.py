@@ -255,6 +255,28 @@ def test_pause_holds_new_requests_until_resume(http: httpx.Client) -> None:
     assert http.get("/is_paused").json() == {"is_paused": False}
 
 
+def test_responses_say_which_weights_made_them(http: httpx.Client, client: openai.OpenAI) -> None:
+    # A reload from the model's own folder under a version the caller names: same weights,
+    # a new version, which every choice then carries as [first_token_index, version] spans.
+    rpc = http.post("/collective_rpc", json={"method": "reload_weights", "kwargs": {"version": 5}})
+    assert rpc.status_code == 200, rpc.text
+    done = client.completions.create(model="builtin", prompt=[PROMPTS[0], PROMPTS[1]], n=2, max_tokens=3,
+                                     extra_body=EXTRA)
+    assert [c.model_extra["weight_versions"] for c in done.choices] == [[[0, 5]]] * 4
+    chat = client.chat.completions.create(model="builtin", messages=MESSAGES, max_tokens=3, extra_body=EXTRA)
+    assert chat.choices[0].model_extra["weight_versions"] == [[0, 5]]
+    stream = client.completions.create(model="builtin", prompt=PROMPTS[2], max_tokens=3, stream=True,
+                                       extra_body=EXTRA)
+    chunks = [c for c in stream if c.choices]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices[0].model_extra["weight_versions"] == [[0, 5]]
+    assert all("weight_versions" not in c.choices[0].model_extra for c in chunks[:-1])  # spans come last
+    chat_stream = client.chat.completions.create(model="builtin", messages=MESSAGES, max_tokens=3, stream=True,
+                                                 extra_body=EXTRA)
+    last = [c for c in chat_stream if c.choices][-1]
+    assert last.choices[0].model_extra["weight_versions"] == [[0, 5]]
+
+
 def test_control_endpoints_are_absent_without_the_flag() -> None:
     from runner.server import build_app
 
