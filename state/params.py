@@ -19,6 +19,7 @@ Logical axis names (mapped to mesh axes by one rules table in `runner/sharding.p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,8 +132,11 @@ def param_specs(cfg: ModelConfig) -> Params:
     )
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_params(cfg: ModelConfig) -> Params:
-    """`param_specs` as `jax.ShapeDtypeStruct` leaves (the target of every loader)."""
+    """`param_specs` as `jax.ShapeDtypeStruct` leaves (the target of every loader). Kept per
+    config (the records are frozen and hashable): every weight update checks against it, and
+    a tree of a few hundred leaves costs milliseconds to build, more than a donated update."""
     return jax.tree.map(ParamSpec.abstract, param_specs(cfg))
 
 
