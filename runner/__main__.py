@@ -91,8 +91,9 @@ def _serve(args: argparse.Namespace) -> int:
     engine_args = {name: value for name, value in engine_args.items() if value is not None}
     if args.no_enable_prefix_caching:
         engine_args["enable_prefix_caching"] = False
-    if args.max_call_seconds is not None:
-        engine_args["max_call_seconds"] = args.max_call_seconds
+    for name in ("max_call_seconds", "full_batch_call_seconds"):
+        if getattr(args, name) is not None:
+            engine_args[name] = getattr(args, name)
     run_server(args.model, host=args.host, port=args.port, served_model_names=args.served_model_name,
                enable_control_endpoints=args.enable_control_endpoints, log_level=args.uvicorn_log_level,
                warmup=args.warmup, **engine_args)
@@ -118,7 +119,10 @@ def _add_serve(commands: argparse._SubParsersAction, after_command: argparse.Arg
                    help="compile every serving program before the port opens (minutes on a CPU; "
                         "with --compilation-cache, later starts read them back)")
     s.add_argument("--max-call-seconds", type=float, default=None,
-                   help="the duration a decode call aims under while streaming (default: runner.AsyncLLM's)")
+                   help="the duration a decode call aims under while a sequence slot is free "
+                        "(default: runner.AsyncLLM's)")
+    s.add_argument("--full-batch-call-seconds", type=float, default=None,
+                   help="the same while every sequence slot is taken (default: runner.AsyncLLM's)")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--compilation-cache", default=None, metavar="DIR",

@@ -11,8 +11,12 @@ waits are bounded by how long one call takes:
 - a request that arrives while a call runs waits for that call (then the scheduler runs
   single steps while a sequence slot is free, so its prefill is not held back);
 - a stream receives tokens once per call.
-The engine caps a call at `max_call_seconds`: the decode steps per call are the cap over
-the last call's time per step (at least one, at most the configured `decode_steps`).
+The engine caps a call at `max_call_seconds` while a sequence slot is free: the decode
+steps per call are the cap over the last call's time per step (at least one, at most the
+configured `decode_steps`). While every slot is taken no arrival can join before a running
+request finishes (the scheduler ends a call there when a prompt waits), so only the
+streams' cadence bounds the call, at `full_batch_call_seconds`: the longer calls run
+multi-step decodes, whose steps cost less than one-step calls (README, "Serving").
 
 Pause and resume (vLLM's `pause_generation`), for training loops that change weights while
 rollouts are in flight. While paused no request is admitted: new ones are held until
@@ -44,6 +48,9 @@ from state.request import Request, RequestStatus
 # A call's duration the engine aims under while streaming: a token every 50 ms reads as
 # fluent text, and a new request waits at most about this long for the call it arrived in.
 DEFAULT_MAX_CALL_SECONDS = 0.05
+# The same while every sequence slot is taken: streams then get tokens in bursts, twice a
+# second at least, and the device runs several steps per call.
+DEFAULT_FULL_BATCH_CALL_SECONDS = 0.5
 
 PAUSE_MODES = ("abort", "wait", "keep")
 
@@ -85,16 +92,20 @@ class _Stream:
 class AsyncLLM:
     """Serve requests from coroutines with vLLM's `AsyncLLM` calls.
 
-    Args: as `runner.LLM` (None serves the built-in model), plus `max_call_seconds`, the
-    duration a decode call aims under while streaming (see the module docstring).
+    Args: as `runner.LLM` (None serves the built-in model), plus `max_call_seconds` and
+    `full_batch_call_seconds`, the durations a decode call aims under while a sequence slot
+    is free and while every slot is taken (see the module docstring).
     """
 
     def __init__(self, model: str | None = None, *, max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS,
-                 **engine_args: Any) -> None:
-        if not (isinstance(max_call_seconds, (int, float)) and max_call_seconds > 0):
-            raise ValueError(f"AsyncLLM: max_call_seconds must be a positive number, got {max_call_seconds!r}")
+                 full_batch_call_seconds: float = DEFAULT_FULL_BATCH_CALL_SECONDS, **engine_args: Any) -> None:
+        for name, value in (("max_call_seconds", max_call_seconds),
+                            ("full_batch_call_seconds", full_batch_call_seconds)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"AsyncLLM: {name} must be a positive number of seconds, got {value!r}")
         self._llm = LLM(model, **engine_args)
         self._max_call_seconds = float(max_call_seconds)
+        self._full_batch_call_seconds = float(full_batch_call_seconds)
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread, as all below
         self._held: dict[str, _Stream] = {}  # admitted while paused: not in the engine yet
@@ -400,6 +411,7 @@ class AsyncLLM:
         steps = out.num_steps if out.is_decode else 1
         per_step = (time.perf_counter() - start) / steps
         engine.scheduler.step_cap = max(1, int(self._max_call_seconds / max(per_step, 1e-6)))
+        engine.scheduler.full_step_cap = max(1, int(self._full_batch_call_seconds / max(per_step, 1e-6)))
         for request_id, stream in list(self._streams.items()):
             if stream.finished:
                 del self._streams[request_id]

@@ -52,9 +52,11 @@ class Scheduler:
         # The version of the weights serving now: requests admitted from here on hash their
         # blocks under it (`BlockPool` roots), so cached KV of other versions is never found.
         self.weight_version = 0
-        # Most decode steps one device call may run; None: no cap. A streaming front end
-        # sets it from the measured time per step, so that no call outlasts its budget.
+        # Most decode steps one device call may run while a sequence slot is free, and while
+        # every slot is taken; None: no cap. A streaming front end sets them from the
+        # measured time per step, so that no call outlasts its budget.
         self.step_cap: int | None = None
+        self.full_step_cap: int | None = None
 
     @property
     def block_size(self) -> int:
@@ -137,10 +139,13 @@ class Scheduler:
         prefill should not wait for a multi-step decode). Otherwise the configured
         `decode_steps`, or with `decode_steps=0` the automatic count: `AUTO_DECODE_STEPS`,
         cut to end when the first running request reaches its length limit if a prompt
-        waits for its sequence slot; at most `step_cap`. Halved until the steps' KV slots
-        fit the free blocks, so a tight pool runs fewer steps per call before it preempts.
+        waits for its sequence slot; at most `step_cap`, or `full_step_cap` while every
+        sequence slot is taken (no new request could join before one finishes). Halved
+        until the steps' KV slots fit the free blocks, so a tight pool runs fewer steps per
+        call before it preempts.
         """
-        steps = min(self.config.scheduler_config.max_decode_steps, self.step_cap or 2**31)
+        cap = self.full_step_cap if len(self.running) >= self.max_num_seqs else self.step_cap
+        steps = min(self.config.scheduler_config.max_decode_steps, cap or 2**31)
         if steps == 1 or not self.running:
             return 1
         if any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running):

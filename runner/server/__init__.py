@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.async_llm import DEFAULT_MAX_CALL_SECONDS, AsyncLLM
+from runner.async_llm import DEFAULT_FULL_BATCH_CALL_SECONDS, DEFAULT_MAX_CALL_SECONDS, AsyncLLM
 from runner.formats.generation_config import diff_sampling_params
 from runner.server.app import build_app
 
@@ -27,7 +27,8 @@ def generation_defaults(llm: AsyncLLM, generation_config: str = "auto") -> dict[
 
 def run_server(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
                served_model_names: list[str] | None = None, enable_control_endpoints: bool = False,
-               max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS, log_level: str = "info",
+               max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS,
+               full_batch_call_seconds: float = DEFAULT_FULL_BATCH_CALL_SECONDS, log_level: str = "info",
                warmup: bool = False, **engine_args: Any) -> None:
     """Load the model, then serve until interrupted (SIGINT or SIGTERM). The port opens only
     once the model is loaded (and, with `warmup`, every serving program compiled, as vLLM
@@ -36,7 +37,8 @@ def run_server(model: str | None = None, *, host: str = "127.0.0.1", port: int =
 
     import uvicorn
 
-    llm = AsyncLLM(model, max_call_seconds=max_call_seconds, **engine_args)
+    llm = AsyncLLM(model, max_call_seconds=max_call_seconds, full_batch_call_seconds=full_batch_call_seconds,
+                   **engine_args)
     try:
         if warmup:
             report = asyncio.run(llm.warmup())

@@ -35,7 +35,7 @@ def engine():
 def tight():
     """Decode calls capped far under one step's time: every call runs one step, so a
     request of many tokens stays in flight for as many engine turns."""
-    llm = AsyncLLM(**SETTINGS, max_call_seconds=1e-9)
+    llm = AsyncLLM(**SETTINGS, max_call_seconds=1e-9, full_batch_call_seconds=1e-9)
     yield llm
     llm.shutdown()
 
@@ -209,9 +209,31 @@ def test_the_call_cap_bounds_the_tokens_between_stream_updates(tight, offline):
         offline.generate(PROMPTS[0], greedy(16), use_tqdm=False)[0].outputs[0].token_ids
 
 
+def test_a_full_batch_streams_several_tokens_per_call(offline):
+    # One-step calls while a slot is free; once all four slots are taken no arrival could
+    # join, so calls run the multi-step decode and streams get tokens in bursts.
+    llm = AsyncLLM(**SETTINGS, max_call_seconds=1e-9, full_batch_call_seconds=600.0)
+    params = greedy(16)
+    params.output_kind = RequestOutputKind.DELTA
+
+    async def main():
+        return await asyncio.gather(*(collect(llm, p, params) for p in PROMPTS[:4]))
+
+    try:
+        streams = run(main())
+    finally:
+        llm.shutdown()
+    expected = offline.generate(PROMPTS[:4], greedy(16), use_tqdm=False)
+    for pieces, ref in zip(streams, expected):
+        assert sum((p.outputs[0].token_ids for p in pieces), []) == ref.outputs[0].token_ids
+        assert max(len(p.outputs[0].token_ids) for p in pieces) > 1
+
+
 def test_bad_construction_and_shutdown():
     with pytest.raises(ValueError, match="max_call_seconds must be a positive number"):
         AsyncLLM(max_call_seconds=0)
+    with pytest.raises(ValueError, match="full_batch_call_seconds must be a positive number"):
+        AsyncLLM(full_batch_call_seconds=True)
     llm = AsyncLLM(**SETTINGS)
     llm.shutdown()
     assert not llm.is_running

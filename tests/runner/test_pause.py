@@ -47,7 +47,7 @@ def new(new_params) -> LLM:
 def engine():
     """One step per device call (a call cap far under a step's time): a long request
     stays in flight for many engine turns, so a pause lands mid-generation."""
-    llm = AsyncLLM(**SETTINGS, max_call_seconds=1e-9)
+    llm = AsyncLLM(**SETTINGS, max_call_seconds=1e-9, full_batch_call_seconds=1e-9)
     yield llm
     llm.shutdown()
 

@@ -324,7 +324,7 @@ def test_a_request_running_across_an_update_gets_two_spans_and_its_kv_is_never_r
 # -- the async engine ----------------------------------------------------------------------
 
 def test_async_update_weights_waits_for_an_idle_engine(tied):
-    engine = AsyncLLM(str(tied), **LLM_ARGS, max_call_seconds=1e-9)
+    engine = AsyncLLM(str(tied), **LLM_ARGS, max_call_seconds=1e-9, full_batch_call_seconds=1e-9)
     try:
         host = leaves(engine._llm)
         buckets = [[(p, a)] for p, a in host.items()]

@@ -346,3 +346,21 @@ def test_samples_flag_is_fixed_when_the_step_is_scheduled():
         update(sched, out, results({s.request.request_id: 7 for s in out.scheduled if s.samples}))
         flags += [s.samples for s in out.scheduled]
     assert flags == [False, True, True, True]  # chunk 0..3, chunk 4..5 samples, two decodes
+
+
+@pytest.mark.parametrize("max_num_seqs, expected_steps", [(3, 1), (2, 4)])
+def test_the_full_batch_cap_applies_once_every_slot_is_taken(max_num_seqs, expected_steps):
+    # A streaming front end caps calls at `step_cap` while an arrival could join the next
+    # call, and at `full_step_cap` once every sequence slot is taken.
+    config = RunnerConfig(model_config=MODEL, cache_config=CacheConfig(block_size=4, num_blocks=32),
+                          scheduler_config=SchedulerConfig(max_model_len=64, max_num_seqs=max_num_seqs,
+                                                           max_num_batched_tokens=32, decode_steps=8))
+    sched = Scheduler(config, 32)
+    sched.step_cap, sched.full_step_cap = 1, 4
+    for rid in range(2):
+        sched.add_request(make_request(rid, [5, 6, 7], max_tokens=20, ignore_eos=True))
+    prefill = sched.schedule()
+    assert not prefill.is_decode
+    update(sched, prefill, results({s.request.request_id: 7 for s in prefill.scheduled if s.samples}))
+    decode = sched.schedule()
+    assert decode.is_decode and decode.num_steps == expected_steps
