@@ -26,7 +26,7 @@ from hypothesis.extra import numpy as hnp
 from models.decode_loop import step_metadata
 from runner.device.prepare import prepare_rows, prepare_state
 from models.sampler import (SamplerOutput, SamplingMetadata, _top_k_top_p_mask, apply_penalties, choose,
-                            first_argmax, sample_switched, scatter_rows, token_ranks)
+                            first_argmax, sample_switched, scatter_rows, token_ranks, top_index)
 from runner.sampling_params import MAX_LOGPROBS, SamplingParams
 from runner.engine.scheduler import ScheduledRequest, SchedulerOutput
 from state.request import Request
@@ -341,9 +341,11 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
     st.lists(st.sampled_from([0.0, 1.5, -2.0, 7.25, float("-inf"), float("inf"), float("nan")]),
              min_size=width, max_size=width), min_size=1, max_size=4)))
 def test_first_argmax_is_argmax(rows):
-    """Ties go to the first maximum, -inf/inf rows and NaN behave as `jnp.argmax`."""
+    """Ties go to the first maximum, -inf/inf rows and NaN behave as `jnp.argmax`, for both
+    ways the sampler takes a row's maximum."""
     x = jnp.asarray(rows, jnp.float32)
     np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
+    np.testing.assert_array_equal(np.asarray(top_index(x)), np.asarray(jnp.argmax(x, axis=-1)))
 
 
 def test_prompt_logprobs_step_over_several_row_chunks_matches_float64():
