@@ -1,6 +1,10 @@
 """Where W1's time goes inside the compiled programs, from XLA's own per-operation trace.
 
     PYTHONPATH=. python benchmarks/trace_profile.py [--batch-size 8] [--max-tokens 64] [--keep-hlo]
+    PYTHONPATH=. python benchmarks/trace_profile.py --rollout
+
+`--rollout` profiles W1-R instead (`benchmarks/rollout.py`: 16 prompts of 256 tokens, n=8,
+temperature 1, 96 new tokens, the sampled token's logprob, the prefix cache on).
 
 Runs one `generate` of W1 at the batch size under `jax.profiler` with XLA:CPU's per-thunk
 trace events on, and splits each program's busy time among the operations that ran: when
@@ -16,7 +20,7 @@ unless `--keep-hlo`):
     open        a multi-step decode's context gather (`multi_step_attention.open_multi_step`)
     other       norms, RoPE, residuals, the loop's own bookkeeping
 
-The multi-step decode's figures are per decode step; the general step's are per call. Unlike
+The multi-step decode's figures are per decode step; the general step's add up its calls. Unlike
 `decode_profile.py`, which times pieces jitted alone, this measures them inside the
 programs the engine runs, with their neighbours.
 """
@@ -47,6 +51,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 
 from benchmarks.bench import Workload  # noqa: E402
+from benchmarks.rollout import Rollout  # noqa: E402
 from runner.formats.bridge import save_pretrained  # noqa: E402
 from runner.llm import LLM  # noqa: E402
 from runner.device.loader import dummy_params  # noqa: E402
@@ -128,31 +133,41 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=Workload.max_tokens)
     parser.add_argument("--keep-hlo", action="store_true", help="keep the dumped HLO and print where it is")
+    parser.add_argument("--rollout", action="store_true", help="profile W1-R (benchmarks/rollout.py) instead")
     args = parser.parse_args()
     w = Workload(max_tokens=args.max_tokens)
     cfg = w.model_config()
-    max_len = w.prompt_len + w.max_tokens
+    if args.rollout:
+        r = Rollout()
+        max_len, rows, max_tokens = r.prompt_len + r.max_tokens, r.num_prompts * r.n, r.max_tokens
+        prompts = [{"prompt_token_ids": p} for p in r.prompts()]
+        params = SamplingParams(n=r.n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+        title = f"W1-R: {r.num_prompts} prompts x n={r.n}, {max_tokens} new tokens"
+    else:
+        max_len, rows, max_tokens = w.prompt_len + w.max_tokens, args.batch_size, w.max_tokens
+        prompts = [{"prompt_token_ids": p} for p in w.prompts(args.batch_size)]
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        title = f"W1 at batch {args.batch_size}, {max_tokens} new tokens"
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pretrained(Path(tmp) / "w1", dummy_params(cfg, w.seed), cfg)
-        llm = LLM(str(folder), dtype=w.dtype, max_model_len=max_len, enable_prefix_caching=False,
-                  num_kv_blocks=cdiv(max_len, 16) * args.batch_size + 1, max_num_seqs=args.batch_size)
-        prompts = [{"prompt_token_ids": p} for p in w.prompts(args.batch_size)]
-        params = SamplingParams(temperature=0, max_tokens=w.max_tokens, ignore_eos=True)
+        llm = LLM(str(folder), dtype=w.dtype, max_model_len=max_len, enable_prefix_caching=args.rollout,
+                  num_kv_blocks=cdiv(max_len, 16) * rows + 1, max_num_seqs=rows)
         llm.generate(prompts, params, use_tqdm=False)  # compiles
+        llm.reset_prefix_cache()  # an RL step brings new prompts
         trace = Path(tmp) / "trace"
         jax.profiler.start_trace(str(trace), create_perfetto_trace=True)
         llm.generate(prompts, params, use_tqdm=False)
         jax.profiler.stop_trace()
         raw = json.load(gzip.open(next(trace.rglob("*.trace.json.gz"))))
     events = raw["traceEvents"] if isinstance(raw, dict) else raw
-    steps = w.max_tokens - 1  # the first token comes from the general step
-    print(f"W1 at batch {args.batch_size}, {w.max_tokens} new tokens" + (f" (HLO in {_DUMP})" if args.keep_hlo else ""))
+    steps = max_tokens - 1  # the first token comes from the general step
+    print(title + (f" (HLO in {_DUMP})" if args.keep_hlo else ""))
     for module, title in PROGRAMS.items():
         mine = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_module") == module]
         if not mine:
             continue
         share = attribute(mine, hlo_instructions(module), cfg.vocab_size)
-        per, unit = (steps, "per decode step") if module == "jit__multi_step" else (1, "per call")
+        per, unit = (steps, "per decode step") if module == "jit__multi_step" else (1, "all calls")
         total = sum(share.values()) / per / 1000
         parts = ", ".join(f"{k} {v / per / 1000:.2f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
         print(f"{title}: {total:.2f} ms {unit}: {parts}")

@@ -33,8 +33,10 @@ from models.kv_codec import MASKED, dequantise, quantise
 from state.batch import Batch
 from models.kv_cache import KVCache
 
-# Largest context copy (all layers, keys and values, float32) a multi-step decode may hold.
-CONTEXT_BUDGET_BYTES = 512 << 20
+# Largest context copy (all layers, keys and values, float32) a multi-step decode may hold:
+# room for an RL rollout's batch (W1-R: 128 rows of 352 tokens need 0.74 GB), whose
+# attention on the per-step reader took twice as long (README, "The RL rollout regime").
+CONTEXT_BUDGET_BYTES = 1 << 30
 
 
 @jax.tree_util.register_dataclass

@@ -18,7 +18,7 @@ def test_trace_profile_names_every_stage_and_adds_up_to_the_program():
     assert done.returncode == 0, done.stderr[-3000:]
     programs = {}
     for line in done.stdout.splitlines():
-        m = re.match(r"(multi-step decode|general step): ([\d.]+) ms per [\w ]+: (.*)$", line)
+        m = re.match(r"(multi-step decode|general step): ([\d.]+) ms (?:per [\w ]+|all calls): (.*)$", line)
         if m:
             parts = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in m.group(3).split(", "))}
             programs[m.group(1)] = (float(m.group(2)), parts)
