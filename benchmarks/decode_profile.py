@@ -118,7 +118,7 @@ def profile(batch_sizes: tuple[int, ...], repeats: int, w: Workload = Workload()
                "open": L * _time(open_, one, rows.block_tables, batch.positions, repeats=repeats) / steps,
                "paged": L * _time(paged, q, one, batch, repeats=repeats),
                "kv_write": L * _time(run_write, kv, batch.slot_mapping, repeats=repeats),
-               "sampler": _time(sampler, logits, meta, rows.wants_logprobs, repeats=repeats),
+               "sampler": _time(sampler, logits, meta, rows.num_logprobs, repeats=repeats),
                "flop_floor": B * matmul_flops_per_row(params) / flops,
                "read_floor": weight_bytes / bandwidth}
         print(f"batch {B:3d}: " + ", ".join(f"{k} {1e3 * v:6.2f}" for k, v in row.items() if k != "batch") + " ms")

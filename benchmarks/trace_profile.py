@@ -1,7 +1,7 @@
 """Where W1's time goes inside the compiled programs, from XLA's own per-operation trace.
 
     PYTHONPATH=. python benchmarks/trace_profile.py [--batch-size 8] [--max-tokens 64] [--keep-hlo]
-    PYTHONPATH=. python benchmarks/trace_profile.py --rollout
+    PYTHONPATH=. python benchmarks/trace_profile.py --rollout [--operations 20]
 
 `--rollout` profiles W1-R instead (`benchmarks/rollout.py`: 16 prompts of 256 tokens, n=8,
 temperature 1, 96 new tokens, the sampled token's logprob, the prefix cache on).
@@ -105,14 +105,17 @@ def category(line: str, vocab_size: int) -> str:
     return "weights" if dots else "other"
 
 
-def attribute(events: list[dict], lines: dict[str, str], vocab_size: int) -> dict[str, float]:
-    """Microseconds per category; overlapping operations share their span equally."""
+def attribute(events: list[dict], lines: dict[str, str], vocab_size: int,
+              by_operation: bool = False) -> dict[str, float]:
+    """Microseconds per category, or per operation (`category: name`) with `by_operation`;
+    overlapping operations share their span equally."""
     spans = []
     for e in events:
         line = lines.get(e["name"], "")
         if " while(" in line or " conditional(" in line:
             continue  # containers: their bodies' operations are events of their own
-        spans.append((e["ts"], e["ts"] + e["dur"], category(line, vocab_size)))
+        key = category(line, vocab_size)
+        spans.append((e["ts"], e["ts"] + e["dur"], f"{key}: {e['name']}" if by_operation else key))
     edges = sorted({t for a, b, _ in spans for t in (a, b)})
     spans.sort()
     share: dict[str, float] = collections.defaultdict(float)
@@ -134,6 +137,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=Workload.max_tokens)
     parser.add_argument("--keep-hlo", action="store_true", help="keep the dumped HLO and print where it is")
     parser.add_argument("--rollout", action="store_true", help="profile W1-R (benchmarks/rollout.py) instead")
+    parser.add_argument("--operations", type=int, default=0, metavar="N",
+                        help="also list each program's N costliest operations, with their optimised HLO")
     args = parser.parse_args()
     w = Workload(max_tokens=args.max_tokens)
     cfg = w.model_config()
@@ -171,6 +176,12 @@ def main() -> None:
         total = sum(share.values()) / per / 1000
         parts = ", ".join(f"{k} {v / per / 1000:.2f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
         print(f"{title}: {total:.2f} ms {unit}: {parts}")
+        if args.operations:
+            lines = hlo_instructions(module)
+            ops = attribute(mine, lines, cfg.vocab_size, by_operation=True)
+            for key, us in sorted(ops.items(), key=lambda kv: -kv[1])[:args.operations]:
+                hlo = lines.get(key.split(": ", 1)[1], "").split("\n")[0]
+                print(f"  {us / per / 1000:8.2f} ms  {key}  {hlo[:160]}")
 
 
 if __name__ == "__main__":

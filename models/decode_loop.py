@@ -63,7 +63,7 @@ class RowSettings:
     max_out: Any  # [B] i32 output limit: max_tokens, capped by max_model_len
     min_out: Any  # [B] i32 min_tokens: stop tokens are banned and ignored below it
     stop_ids: Any  # [B, Ls] i32 EOS (unless ignore_eos) and stop_token_ids, pad = -1
-    wants_logprobs: Any  # [B] bool
+    num_logprobs: Any  # [B] i32: -1 none, 0 the chosen token's alone, k the top k too
     sampling: SamplingMetadata  # every field set; counters and output_ids come from the state
 
     @classmethod
@@ -80,7 +80,7 @@ class RowSettings:
             presence_penalty=jnp.zeros(B), frequency_penalty=jnp.zeros(B), repetition_penalty=jnp.ones(B))
         return cls(block_tables=block_tables, max_out=jnp.full(B, max_out, jnp.int32),
                    min_out=jnp.zeros(B, jnp.int32), stop_ids=jnp.full((B, 1), -1, jnp.int32),
-                   wants_logprobs=jnp.zeros(B, bool), sampling=meta)
+                   num_logprobs=jnp.full(B, -1, jnp.int32), sampling=meta)
 
 
 @jax.tree_util.register_dataclass
@@ -91,7 +91,7 @@ class MultiStepOutput:
     token_ids: Any  # [B, K] i32, -1 past the row's last token
     logprobs: Any  # [B, K] f32
     ranks: Any  # [B, K] i32 1-based rank of each token (zeros unless some row wants logprobs)
-    top_ids: Any  # [B, K, top_width(V)] i32 (zeros unless some row wants logprobs)
+    top_ids: Any  # [B, K, top_width(V)] i32 (zeros unless some row wants top logprobs)
     top_logprobs: Any  # [B, K, top_width(V)] f32
     num_tokens: Any  # [B] i32 tokens each row produced
 
@@ -130,7 +130,7 @@ def decode_step(params: Any, kv_cache: tuple[KVCache, ...], rows: RowSettings, s
     """One step: forward, sample, stop masks, next input. Done rows are left unchanged."""
     hidden, kv_cache = forward(params, kv_cache, decode_batch(rows, state, block_size), cfg, backend)
     logits = compute_logits(params, hidden, cfg.final_logit_softcapping)
-    sampled = sample_switched(logits, step_metadata(rows, state), rows.wants_logprobs)
+    sampled = sample_switched(logits, step_metadata(rows, state), rows.num_logprobs)
     live = ~state.is_done
     num_out = state.num_out + live
     B = num_out.shape[0]

@@ -184,7 +184,7 @@ _MODES = ((True, False), (False, False), (False, True))
 
 
 @jax.named_scope("sampler")
-def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: jax.Array) -> SamplerOutput:
+def sample_switched(logits: jax.Array, meta: SamplingMetadata, num_logprobs: jax.Array) -> SamplerOutput:
     """Choose one token per row of `logits: [B, V]` float32, every stage switched on the device.
 
     `meta` has every field set (no bias: pad ids; no penalty: 0, 0, 1). Each stage runs
@@ -194,11 +194,13 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: j
     the tokens equal those of the same stages switched at compile time (the tests' oracle).
 
     Args:
-        wants_logprobs: [B] bool, rows whose top `top_width(V)` entries are returned.
+        num_logprobs: [B] i32 per row: -1 for no logprobs, 0 for the chosen token's alone,
+            k > 0 for the chosen token's and the top k (the device returns `top_width(V)`).
 
-    The chosen token's log-probability (or logit, by the row's `logprobs_mode`) is computed
-    only when some row asks for logprobs (it is 0 otherwise): a log-softmax over `[B, V]`
-    costs as much as the greedy choice.
+    The chosen token's log-probability (or logit, by the row's `logprobs_mode`) and rank are
+    computed only when some row asks for logprobs (they are 0 otherwise): a log-sum-exp over
+    `[B, V]` costs as much as the greedy choice. The top entries, a `top_k` over `[B, V]`,
+    only when some row asks for them: an RL rollout wants the chosen token's alone.
     """
     biased = jnp.any((meta.bias_ids < logits.shape[-1]) & (meta.bias_values != 0))
     x = jax.lax.cond(biased, lambda x: x + scatter_rows(x.shape, meta.bias_ids, meta.bias_values), lambda x: x, logits)
@@ -213,26 +215,38 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, wants_logprobs: j
     k = top_width(V)
     modes = jnp.zeros(B, jnp.int32) if meta.logprobs_mode is None else meta.logprobs_mode
 
-    def with_logprobs(logits: jax.Array, x: jax.Array, tokens: jax.Array):
-        values = reported_values(logits, x, meta, modes, sorts)
-        chosen = jnp.take_along_axis(values, tokens[:, None], axis=-1)[:, 0]
-        return (chosen, *jax.lax.top_k(values, k), token_ranks(values, chosen))
+    def with_top(logits: jax.Array, x: jax.Array, tokens: jax.Array):
+        source, shift = reported_source(logits, x, meta, modes, sorts)
+        picked = jnp.take_along_axis(source, tokens[:, None], axis=-1)[:, 0]
+        top_values, top_ids = jax.lax.top_k(source, k)
+        return picked - shift, top_values - shift[:, None], top_ids, token_ranks(source, picked)
+
+    def chosen_only(logits: jax.Array, x: jax.Array, tokens: jax.Array):
+        source, shift = reported_source(logits, x, meta, modes, sorts)
+        picked = jnp.take_along_axis(source, tokens[:, None], axis=-1)[:, 0]
+        return (picked - shift, jnp.zeros((B, k), jnp.float32), jnp.zeros((B, k), jnp.int32),
+                token_ranks(source, picked))
 
     def without(logits: jax.Array, x: jax.Array, tokens: jax.Array):
         return (jnp.zeros(B, jnp.float32), jnp.zeros((B, k), jnp.float32),
                 jnp.zeros((B, k), jnp.int32), jnp.zeros(B, jnp.int32))
 
-    chosen, top_logprobs, top_ids, ranks = jax.lax.cond(
-        jnp.any(wants_logprobs), with_logprobs, without, logits, x, tokens)
+    wanted = jnp.where(jnp.any(num_logprobs > 0), 2, jnp.where(jnp.any(num_logprobs >= 0), 1, 0))
+    chosen, top_logprobs, top_ids, ranks = jax.lax.switch(
+        wanted, [without, chosen_only, with_top], logits, x, tokens)
     return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, ranks)
 
 
-def reported_values(logits: jax.Array, x: jax.Array, meta: SamplingMetadata, modes: jax.Array,
-                    sorts: jax.Array) -> jax.Array:
-    """[B, V] what each row's logprobs report, by its `LOGPROBS_MODES` index in `modes`:
-    from the raw `logits` or from the biased, penalised `x` once `process`ed, as
-    log-probabilities or as logits. The processing (a sort when some row uses top-k or
-    top-p) runs only when some row asks for a processed mode."""
+def reported_source(logits: jax.Array, x: jax.Array, meta: SamplingMetadata, modes: jax.Array,
+                    sorts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What each row's logprobs report, by its `LOGPROBS_MODES` index in `modes`, as
+    `(source [B, V], shift [B])`: the reported values are `source - shift`.
+
+    The source is the raw `logits` or the biased, penalised `x` once `process`ed (a sort
+    when some row uses top-k or top-p, run only when some row asks for a processed mode).
+    The shift is the row's log-sum-exp for log-probabilities and 0 for logits. Subtracting
+    it from the few values reported, not from the whole row, spares a `[B, V]` pass; ranks
+    and the top entries' order are the same on either side of a per-row shift."""
     processed_rows = modes >= LOGPROBS_MODES.index("processed_logprobs")
     processed = jax.lax.cond(
         jnp.any(processed_rows),
@@ -240,12 +254,12 @@ def reported_values(logits: jax.Array, x: jax.Array, meta: SamplingMetadata, mod
         lambda x: x, x)
     source = jnp.where(processed_rows[:, None], processed, logits)
     as_logits = (modes == LOGPROBS_MODES.index("raw_logits")) | (modes == LOGPROBS_MODES.index("processed_logits"))
-    return jnp.where(as_logits[:, None], source, jax.nn.log_softmax(source, axis=-1))
+    return source, jnp.where(as_logits, 0.0, jax.nn.logsumexp(source, axis=-1))
 
 
-def token_ranks(logprobs: jax.Array, chosen: jax.Array) -> jax.Array:
-    """[rows] 1-based rank of each chosen log-probability in its row (ties share a rank)."""
-    return 1 + jnp.sum(logprobs > chosen[:, None], axis=-1).astype(jnp.int32)
+def token_ranks(values: jax.Array, chosen: jax.Array) -> jax.Array:
+    """[rows] 1-based rank of each chosen value in its row (ties share a rank)."""
+    return 1 + jnp.sum(values > chosen[:, None], axis=-1).astype(jnp.int32)
 
 
 def prompt_logprobs(logits: jax.Array, next_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

@@ -64,7 +64,7 @@ def _general_step(params: Params, kv_cache: tuple[KVCache, ...], batch: Batch, r
     hidden, kv_cache = forward(params, kv_cache, batch, cfg, backend)
     kv_cache = _keep_shardings(kv_cache, kv_shardings)
     logits = compute_logits(params, hidden[batch.logits_indices], cfg.final_logit_softcapping)
-    sampled = sample_switched(logits, step_metadata(rows, state), rows.wants_logprobs)
+    sampled = sample_switched(logits, step_metadata(rows, state), rows.num_logprobs)
     return _constrain(sampled, out_sharding), hidden, kv_cache
 
 

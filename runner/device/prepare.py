@@ -145,7 +145,7 @@ def prepare_rows(out: SchedulerOutput, num_seqs: int, vocab_size: int, history_w
                         for r, p in zip(requests, params)], 0, np.int32),
         min_out=column([p.min_tokens for p in params], 0, np.int32),
         stop_ids=_table([_stop_ids(r) for r in requests] + [[]] * pad, -1, np.int32),
-        wants_logprobs=column([p.logprobs is not None for p in params], False, bool),
+        num_logprobs=column([-1 if p.logprobs is None else p.logprobs for p in params], -1, np.int32),
         sampling=sampling)
 
 

@@ -26,7 +26,8 @@ from hypothesis.extra import numpy as hnp
 from models.decode_loop import step_metadata
 from runner.device.prepare import prepare_rows, prepare_state
 from models.sampler import (SamplerOutput, SamplingMetadata, _top_k_top_p_mask, apply_penalties, choose,
-                            first_argmax, sample_switched, scatter_rows, token_ranks, top_index)
+                            first_argmax, sample_switched, scatter_rows, token_ranks, top_index,
+                            top_width)
 from runner.sampling_params import MAX_LOGPROBS, SamplingParams
 from runner.engine.scheduler import ScheduledRequest, SchedulerOutput
 from state.request import Request
@@ -235,7 +236,7 @@ def test_bias_then_penalties_shape_the_sampled_distribution():
 
 @jax.jit
 def _switched(logits, rows, state):
-    return sample_switched(logits, step_metadata(rows, state), rows.wants_logprobs)
+    return sample_switched(logits, step_metadata(rows, state), rows.num_logprobs)
 
 
 def _scheduled(requests: list[Request]) -> SchedulerOutput:
@@ -334,6 +335,34 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
     assert out.top_ids.shape == (6, MAX_LOGPROBS)
     # No logprobs asked: no top entries computed.
     assert sample_jit(logits, meta, flags_for(meta, 0)).top_ids.shape == (6, 0)
+
+
+def test_top_entries_are_computed_only_when_a_row_asks_for_them():
+    """`logprobs=0` (an RL rollout's setting) gets the chosen token's log-probability and rank,
+    as a request for top entries does, but no top-k runs; no logprobs at all: zeros."""
+    rng = np.random.default_rng(4)
+    logits = (rng.normal(size=(3, V)) * 3).astype(np.float32)
+    raw = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+
+    def run(*num_logprobs: int | None):
+        requests = [Request(str(i), [3, 4], SamplingParams(temperature=0, logprobs=k), seed=i,
+                            output_token_ids=[5])
+                    for i, k in enumerate(num_logprobs)]
+        out = _scheduled(requests)
+        rows = prepare_rows(out, 3, V, 8, 64, np.zeros((3, 1), np.int32))
+        return _switched(logits, rows, prepare_state(out, 3, V, 8))
+
+    greedy = np.argmax(logits, axis=-1)
+    chosen_only = run(0, 0, 0)
+    np.testing.assert_allclose(np.asarray(chosen_only.logprobs), raw[np.arange(3), greedy], atol=1e-5)
+    assert np.asarray(chosen_only.ranks).tolist() == [1, 1, 1]
+    assert not np.asarray(chosen_only.top_ids).any() and not np.asarray(chosen_only.top_logprobs).any()
+    mixed = run(None, 0, 3)
+    np.testing.assert_allclose(np.asarray(mixed.logprobs)[1:], raw[np.arange(1, 3), greedy[1:]], atol=1e-5)
+    top = np.argsort(-raw, axis=-1)[:, :top_width(V)]
+    np.testing.assert_array_equal(np.asarray(mixed.top_ids)[2], top[2])
+    none = run(None, None, None)
+    assert not np.asarray(none.logprobs).any() and not np.asarray(none.ranks).any()
 
 
 @settings(max_examples=60, deadline=None)
