@@ -171,13 +171,13 @@ def main() -> None:
         mine = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_module") == module]
         if not mine:
             continue
-        share = attribute(mine, hlo_instructions(module), cfg.vocab_size)
+        lines = hlo_instructions(module)
+        share = attribute(mine, lines, cfg.vocab_size)
         per, unit = (steps, "per decode step") if module == "jit__multi_step" else (1, "all calls")
         total = sum(share.values()) / per / 1000
         parts = ", ".join(f"{k} {v / per / 1000:.2f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
         print(f"{title}: {total:.2f} ms {unit}: {parts}")
         if args.operations:
-            lines = hlo_instructions(module)
             ops = attribute(mine, lines, cfg.vocab_size, by_operation=True)
             for key, us in sorted(ops.items(), key=lambda kv: -kv[1])[:args.operations]:
                 hlo = lines.get(key.split(": ", 1)[1], "").split("\n")[0]

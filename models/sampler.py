@@ -215,17 +215,16 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, num_logprobs: jax
     k = top_width(V)
     modes = jnp.zeros(B, jnp.int32) if meta.logprobs_mode is None else meta.logprobs_mode
 
-    def with_top(logits: jax.Array, x: jax.Array, tokens: jax.Array):
+    def reported(logits: jax.Array, x: jax.Array, tokens: jax.Array, top: bool):
+        """The chosen token's value and rank, and the top `k` entries when `top`."""
         source, shift = reported_source(logits, x, meta, modes, sorts)
         picked = jnp.take_along_axis(source, tokens[:, None], axis=-1)[:, 0]
-        top_values, top_ids = jax.lax.top_k(source, k)
-        return picked - shift, top_values - shift[:, None], top_ids, token_ranks(source, picked)
-
-    def chosen_only(logits: jax.Array, x: jax.Array, tokens: jax.Array):
-        source, shift = reported_source(logits, x, meta, modes, sorts)
-        picked = jnp.take_along_axis(source, tokens[:, None], axis=-1)[:, 0]
-        return (picked - shift, jnp.zeros((B, k), jnp.float32), jnp.zeros((B, k), jnp.int32),
-                token_ranks(source, picked))
+        if top:
+            top_values, top_ids = jax.lax.top_k(source, k)
+            top_values = top_values - shift[:, None]
+        else:
+            top_values, top_ids = jnp.zeros((B, k), jnp.float32), jnp.zeros((B, k), jnp.int32)
+        return picked - shift, top_values, top_ids, token_ranks(source, picked)
 
     def without(logits: jax.Array, x: jax.Array, tokens: jax.Array):
         return (jnp.zeros(B, jnp.float32), jnp.zeros((B, k), jnp.float32),
@@ -233,7 +232,7 @@ def sample_switched(logits: jax.Array, meta: SamplingMetadata, num_logprobs: jax
 
     wanted = jnp.where(jnp.any(num_logprobs > 0), 2, jnp.where(jnp.any(num_logprobs >= 0), 1, 0))
     chosen, top_logprobs, top_ids, ranks = jax.lax.switch(
-        wanted, [without, chosen_only, with_top], logits, x, tokens)
+        wanted, [without] + [lambda *a, top=top: reported(*a, top) for top in (False, True)], logits, x, tokens)
     return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, ranks)
 
 
